@@ -1,0 +1,7 @@
+"""Llama 3 with tensor parallelism built in."""
+
+from .config import PRESETS, ModelArgs
+from .model import Transformer
+from .weights import load_model
+
+__all__ = ["ModelArgs", "PRESETS", "Transformer", "load_model"]

@@ -1,0 +1,192 @@
+"""Llama 3, tensor-parallel by construction.
+
+Reads like Meta's reference model.py, with Meta's parameter names. Each module is
+given the tp mesh (or None) and takes its layers from `parallel.layers`, which own
+the sharding and the collectives; the math here runs on local shards:
+  attention  wq/wk/wv column-parallel (whole heads per rank), wo row-parallel
+  MLP        w1/w3 column-parallel, w2 row-parallel
+  vocab      tok_embeddings and output split by vocabulary rows
+With sequence parallelism the residual stream is split along the sequence between
+blocks, and the norms run on the local part of it.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+
+from parallel.layers import (
+    ColumnParallelLinear,
+    RegionInput,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    VocabParallelOutput,
+    check_tp_divides_heads,
+    check_vocab,
+    fill_normal_,
+    head_layout,
+    local_tensor,
+    sharded_parameter,
+    tp_size,
+)
+from torch.distributed.tensor import Replicate
+
+from .config import ModelArgs
+from .rope import apply_rope, rope_table
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, tp_mesh: Optional[DeviceMesh] = None, sequence_parallel: bool = False):
+        super().__init__()
+        self.eps = eps
+        # under sequence parallelism each rank normalises part of the sequence, so its
+        # weight gradient is a partial sum
+        self.partial_grad = sequence_parallel and tp_size(tp_mesh) > 1
+        self.weight = sharded_parameter((dim,), tp_mesh, Replicate())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * local_tensor(self.weight, partial_grad=self.partial_grad)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, tp_mesh: Optional[DeviceMesh] = None, sequence_parallel: bool = False):
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.layout = head_layout(args.n_heads, args.n_kv_heads, tp_mesh)
+        kv_dim = args.n_kv_heads * args.head_dim
+        kv_rows = None
+        if not self.layout.kv_sharded:
+            start = self.layout.kv_start * args.head_dim
+            kv_rows = (start, start + self.layout.n_local_kv_heads * args.head_dim)
+
+        self.enter = RegionInput(tp_mesh, sequence_parallel)
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * args.head_dim, tp_mesh)
+        self.wk = ColumnParallelLinear(args.dim, kv_dim, tp_mesh, replicated_rows=kv_rows)
+        self.wv = ColumnParallelLinear(args.dim, kv_dim, tp_mesh, replicated_rows=kv_rows)
+        self.wo = RowParallelLinear(args.n_heads * args.head_dim, args.dim, tp_mesh, sequence_parallel)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = self.enter(x)
+        bsz, seqlen, _ = x.shape
+        xq = self.wq(x).view(bsz, seqlen, self.layout.n_local_heads, self.head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.layout.n_local_kv_heads, self.head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.layout.n_local_kv_heads, self.head_dim)
+        xq, xk = apply_rope(xq, cos, sin), apply_rope(xk, cos, sin)
+
+        q, k, v = (t.transpose(1, 2) for t in (xq, xk, xv))  # (bsz, heads, seqlen, head_dim)
+        if self.layout.uniform_groups:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            index = torch.tensor(self.layout.kv_for_head, device=k.device)
+            out = F.scaled_dot_product_attention(q, k[:, index], v[:, index], is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, tp_mesh: Optional[DeviceMesh] = None, sequence_parallel: bool = False):
+        super().__init__()
+        hidden = args.ffn_hidden_dim
+        self.enter = RegionInput(tp_mesh, sequence_parallel)
+        self.w1 = ColumnParallelLinear(args.dim, hidden, tp_mesh)
+        self.w2 = RowParallelLinear(hidden, args.dim, tp_mesh, sequence_parallel)
+        self.w3 = ColumnParallelLinear(args.dim, hidden, tp_mesh)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.enter(x)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs, tp_mesh=None, sequence_parallel: bool = False):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args, tp_mesh, sequence_parallel)
+        self.feed_forward = FeedForward(args, tp_mesh, sequence_parallel)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps, tp_mesh, sequence_parallel)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, tp_mesh, sequence_parallel)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """`model(tokens)` -> logits: a plain (batch, seq, vocab) tensor without a tp mesh, a
+    vocab-sharded DTensor with one (`.full_tensor()` gathers it).
+
+    Build on the meta device and call `init_weights()` (or `llama.load_model`) to
+    allocate only this rank's shards."""
+
+    def __init__(self, args: ModelArgs, tp_mesh: Optional[DeviceMesh] = None, sequence_parallel: bool = False):
+        super().__init__()
+        tp = tp_size(tp_mesh)
+        check_tp_divides_heads(args.n_heads, tp)
+        check_vocab(args.vocab_size, tp)
+        self.args = args
+        self.tp_mesh = tp_mesh
+        self.sequence_parallel = sequence_parallel and tp > 1
+
+        self.tok_embeddings = VocabParallelEmbedding(args.vocab_size, args.dim, tp_mesh, self.sequence_parallel)
+        self.layers = nn.ModuleList(
+            TransformerBlock(i, args, tp_mesh, self.sequence_parallel) for i in range(args.n_layers)
+        )
+        self.norm = RMSNorm(args.dim, args.norm_eps, tp_mesh, self.sequence_parallel)
+        tied = self.tok_embeddings.weight if args.tie_word_embeddings else None
+        self.output = VocabParallelOutput(args.dim, args.vocab_size, tp_mesh, self.sequence_parallel, weight=tied)
+        self._rope = None  # (cos, sin), built on first use on the tokens' device
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.check_tokens(tokens)
+        seqlen = tokens.shape[1]
+        cos, sin = self.rope(seqlen, tokens.device)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.output(self.norm(h))
+
+    def rope(self, seqlen: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope is None or self._rope[0].device != torch.device(device):
+            self._rope = rope_table(self.args, self.args.max_seq_len, device)
+        cos, sin = self._rope
+        return cos[:seqlen], sin[:seqlen]
+
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        if tokens.ndim != 2 or tokens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"tokens must be a (batch, seq) integer tensor, got {tuple(tokens.shape)} {tokens.dtype}")
+        seqlen = tokens.shape[1]
+        if seqlen > self.args.max_seq_len:
+            raise ValueError(
+                f"sequence length {seqlen} exceeds max_seq_len {self.args.max_seq_len} (the RoPE table's length); "
+                "shorten the input or raise max_seq_len"
+            )
+        tp = tp_size(self.tp_mesh)
+        if self.sequence_parallel and seqlen % tp:
+            raise ValueError(f"with sequence parallelism the sequence length {seqlen} must be divisible by tp {tp}")
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.args.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.args.vocab_size})")
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, device=None, std: float = 0.02) -> "Transformer":
+        """Allocate this rank's shards (when built on meta) and draw them. The values do not
+        depend on the mesh: a tp run starts from the same weights as a single device.
+        Residual-path projections (wo, w2) get std / sqrt(2 * n_layers)."""
+        if device is not None or any(p.is_meta for p in self.parameters()):
+            self.to_empty(device=device or "cpu")
+        residual_std = std / math.sqrt(2 * self.args.n_layers)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                local_tensor(param).fill_(1.0)
+            else:
+                scale = residual_std if name.endswith(("wo.weight", "w2.weight")) else std
+                fill_normal_(param, scale, seed, name)
+        return self
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

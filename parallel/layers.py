@@ -1,0 +1,380 @@
+"""Tensor-parallel layers: the one place that knows placements and calls collectives.
+
+Each layer owns DTensor parameters on a 1-D tp mesh (or plain parameters without a
+mesh) and does its math on local shards. Collectives happen only where Megatron puts
+them: `RegionInput` enters the tensor-parallel region (identity forward, all-reduce
+backward; all-gather / reduce-scatter along the sequence with sequence parallelism),
+`RowParallelLinear` and `VocabParallelEmbedding` leave it (all-reduce forward, or
+reduce-scatter along the sequence). Everything else is local.
+"""
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed._functional_collectives as funcol
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+SEQ_DIM = 1  # activations are (batch, seq, features)
+
+
+def tp_size(mesh: Optional[DeviceMesh]) -> int:
+    return 1 if mesh is None else mesh.size()
+
+
+def tp_rank(mesh: Optional[DeviceMesh]) -> int:
+    return 0 if mesh is None else mesh.get_local_rank()
+
+
+# ---------------------------------------------------------------- collectives
+
+
+def _all_reduce(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", mesh))
+
+
+def _all_gather(x: torch.Tensor, dim: int, mesh: DeviceMesh) -> torch.Tensor:
+    return funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), dim, mesh))
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, mesh: DeviceMesh) -> torch.Tensor:
+    return funcol.wait_tensor(funcol.reduce_scatter_single(x.contiguous(), "sum", dim, mesh))
+
+
+class _CopyToRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mesh):
+        ctx.mesh = mesh
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.mesh), None
+
+
+class _ReduceFromRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mesh):
+        return _all_reduce(x, mesh)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mesh):
+        ctx.mesh = mesh
+        return _all_gather(x, SEQ_DIM, mesh)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, SEQ_DIM, ctx.mesh), None
+
+
+class _ScatterSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mesh):
+        ctx.mesh = mesh
+        return _reduce_scatter(x, SEQ_DIM, mesh)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, SEQ_DIM, ctx.mesh), None
+
+
+def _leave_region(x: torch.Tensor, mesh: Optional[DeviceMesh], sequence_parallel: bool) -> torch.Tensor:
+    """Sum the tp ranks' partial results: all-reduce, or reduce-scatter along the sequence."""
+    if tp_size(mesh) == 1:
+        return x
+    if sequence_parallel:
+        return _ScatterSequence.apply(x, mesh)
+    return _ReduceFromRegion.apply(x, mesh)
+
+
+class RegionInput(nn.Module):
+    """Hands a replicated (or, with sequence parallelism, sequence-sharded) activation to
+    column-parallel layers. Put one in front of all the layers that read the same input,
+    so that their input gradients are summed by one collective, not one each."""
+
+    def __init__(self, tp_mesh: Optional[DeviceMesh] = None, sequence_parallel: bool = False):
+        super().__init__()
+        self.tp_mesh = tp_mesh
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tp_size(self.tp_mesh) == 1:
+            return x
+        if self.sequence_parallel:
+            return _GatherSequence.apply(x, self.tp_mesh)
+        return _CopyToRegion.apply(x, self.tp_mesh)
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def _shard_shape_and_offset(global_shape, mesh: DeviceMesh, placements) -> tuple:
+    # torch's helper makes small tensors; keep them off the meta device when called
+    # inside a `with torch.device("meta")` block
+    with torch.device("cpu"):
+        return compute_local_shape_and_global_offset(global_shape, mesh, placements)
+
+
+def sharded_parameter(global_shape, mesh: Optional[DeviceMesh], placement, dtype=None) -> nn.Parameter:
+    """An uninitialised parameter holding only this rank's shard; on the meta device
+    (a `with torch.device("meta")` block) nothing is allocated."""
+    if mesh is None:
+        return nn.Parameter(torch.empty(global_shape, dtype=dtype))
+    local_shape, _ = _shard_shape_and_offset(global_shape, mesh, [placement])
+    local = torch.empty(local_shape, dtype=dtype)
+    return nn.Parameter(DTensor.from_local(local, mesh, [placement], run_check=False))
+
+
+def local_slices(param: torch.Tensor) -> tuple:
+    """The index of this rank's shard in the global tensor, e.g. for reading it from a file."""
+    if not isinstance(param, DTensor):
+        return tuple(slice(0, n) for n in param.shape)
+    shape, offset = _shard_shape_and_offset(param.shape, param.device_mesh, param.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+def local_tensor(param: torch.Tensor, partial_grad: bool = False) -> torch.Tensor:
+    """The local shard of a parameter, for math. `partial_grad`: this rank's gradient is
+    only its share of the total (it saw part of the sequence or part of the heads)."""
+    if not isinstance(param, DTensor):
+        return param
+    grad_placements = [Partial()] * param.device_mesh.ndim if partial_grad else None
+    return param.to_local(grad_placements=grad_placements)
+
+
+def reduce_partial_gradients(module: nn.Module) -> int:
+    """Sum the gradients that tp ranks computed in part (norm weights under sequence
+    parallelism, kv projections shared by several ranks), one all-reduce per mesh for
+    all of them. Call between backward and the optimizer step. Returns how many
+    gradients it reduced."""
+    by_mesh: dict = {}
+    for param in module.parameters():
+        grad = param.grad
+        if isinstance(grad, DTensor) and any(p.is_partial() for p in grad.placements):
+            by_mesh.setdefault(grad.device_mesh, []).append(param)
+    for mesh, params in by_mesh.items():
+        locals_ = [p.grad.to_local() for p in params]
+        flat = _all_reduce(torch.cat([g.reshape(-1) for g in locals_]), mesh) if mesh.size() > 1 else None
+        offset = 0
+        for param, g in zip(params, locals_):
+            summed = g if flat is None else flat[offset : offset + g.numel()].view_as(g)
+            offset += g.numel()
+            param.grad = DTensor.from_local(summed, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return sum(len(p) for p in by_mesh.values())
+
+
+def fill_normal_(param: torch.Tensor, std: float, seed: int, name: str, block_rows: int = 256) -> None:
+    """Fill this rank's shard with N(0, std^2) values equal to those a single device would
+    draw for the whole tensor, so that a model's init does not depend on the mesh. The
+    tensor is drawn in blocks of rows, each from its own generator; a rank draws only the
+    row blocks it holds."""
+    local = local_tensor(param)
+    offset = tuple(s.start for s in local_slices(param))
+    if local.numel() == 0:
+        return
+    global_shape = tuple(param.shape)
+    other_dims = tuple(slice(o, o + n) for o, n in zip(offset[1:], local.shape[1:]))
+    first, last = offset[0], offset[0] + local.shape[0]
+    base_seed = (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**62)
+    with torch.no_grad():
+        for block in range(first // block_rows, math.ceil(last / block_rows)):
+            b0 = block * block_rows
+            b1 = min(b0 + block_rows, global_shape[0])
+            gen = torch.Generator().manual_seed(base_seed + block)
+            values = torch.randn((b1 - b0, *global_shape[1:]), generator=gen).mul_(std)
+            lo, hi = max(b0, first), min(b1, last)
+            local[lo - first : hi - first].copy_(values[(slice(lo - b0, hi - b0), *other_dims)])
+
+
+# ---------------------------------------------------------------- layers
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Which attention heads live on one tp rank. Query heads are split evenly; each rank
+    also holds the kv heads its query heads read. When tp > n_kv_heads, ranks share kv
+    heads, so the kv projections are replicated and each rank uses its rows."""
+
+    n_local_heads: int
+    n_local_kv_heads: int
+    kv_start: int  # first global kv head this rank uses
+    kv_sharded: bool  # kv projections Shard(0) (True) or replicated (False)
+    kv_for_head: tuple  # local kv head read by each local query head
+
+    @property
+    def uniform_groups(self) -> bool:
+        return self.n_local_heads % self.n_local_kv_heads == 0 and self.kv_for_head == tuple(
+            i // (self.n_local_heads // self.n_local_kv_heads) for i in range(self.n_local_heads)
+        )
+
+
+def head_layout(n_heads: int, n_kv_heads: int, tp_mesh: Optional[DeviceMesh]) -> HeadLayout:
+    tp, rank = tp_size(tp_mesh), tp_rank(tp_mesh)
+    check_tp_divides_heads(n_heads, tp)
+    n_local = n_heads // tp
+    group = n_heads // n_kv_heads  # query heads per kv head
+    first_head = rank * n_local
+    kv_of = [(first_head + i) // group for i in range(n_local)]
+    kv_start = kv_of[0]
+    n_local_kv = kv_of[-1] - kv_start + 1
+    return HeadLayout(
+        n_local_heads=n_local,
+        n_local_kv_heads=n_local_kv,
+        kv_start=kv_start,
+        kv_sharded=n_kv_heads % tp == 0,
+        kv_for_head=tuple(k - kv_start for k in kv_of),
+    )
+
+
+def check_tp_divides_heads(n_heads: int, tp: int) -> None:
+    if n_heads % tp:
+        valid = [d for d in range(1, n_heads + 1) if n_heads % d == 0]
+        raise ValueError(
+            f"tensor-parallel size {tp} must divide n_heads {n_heads} (whole heads per rank); valid tp sizes: {valid}"
+        )
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with the output features split across tp ranks (W is Shard(0)). Its input
+    must come from a `RegionInput`. With `replicated_rows=(start, stop)` every rank holds
+    the whole W and uses only those rows: kv heads shared by several ranks."""
+
+    def __init__(self, in_features: int, out_features: int, tp_mesh: Optional[DeviceMesh] = None, replicated_rows=None):
+        super().__init__()
+        self.replicated_rows = replicated_rows
+        placement = Replicate() if replicated_rows is not None else Shard(0)
+        if replicated_rows is None and out_features % tp_size(tp_mesh):
+            raise ValueError(f"ColumnParallelLinear: tp size {tp_size(tp_mesh)} must divide out_features {out_features}")
+        self.weight = sharded_parameter((out_features, in_features), tp_mesh, placement)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.replicated_rows is None:
+            return F.linear(x, local_tensor(self.weight))
+        start, stop = self.replicated_rows
+        return F.linear(x, local_tensor(self.weight, partial_grad=True)[start:stop])
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with the input features split across tp ranks (W is Shard(1)); the
+    partial products are summed across ranks: all-reduce, or reduce-scatter along the
+    sequence with sequence parallelism."""
+
+    def __init__(self, in_features, out_features, tp_mesh: Optional[DeviceMesh] = None, sequence_parallel=False):
+        super().__init__()
+        if in_features % tp_size(tp_mesh):
+            raise ValueError(f"RowParallelLinear: tp size {tp_size(tp_mesh)} must divide in_features {in_features}")
+        self.tp_mesh = tp_mesh
+        self.sequence_parallel = sequence_parallel
+        self.weight = sharded_parameter((out_features, in_features), tp_mesh, Shard(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _leave_region(F.linear(x, local_tensor(self.weight)), self.tp_mesh, self.sequence_parallel)
+
+
+def check_vocab(vocab_size: int, tp: int) -> None:
+    if vocab_size % tp:
+        raise ValueError(f"tensor-parallel size {tp} must divide vocab_size {vocab_size} (the vocabulary is split by rows)")
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding with the vocabulary split by rows (Shard(0)): each rank looks up the ids
+    it owns, zeros the rest, and the ranks' rows are summed on the way out."""
+
+    def __init__(self, vocab_size: int, dim: int, tp_mesh: Optional[DeviceMesh] = None, sequence_parallel=False):
+        super().__init__()
+        check_vocab(vocab_size, tp_size(tp_mesh))
+        self.tp_mesh = tp_mesh
+        self.sequence_parallel = sequence_parallel
+        self.vocab_start = tp_rank(tp_mesh) * (vocab_size // tp_size(tp_mesh))
+        self.weight = sharded_parameter((vocab_size, dim), tp_mesh, Shard(0))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        weight = local_tensor(self.weight)
+        if tp_size(self.tp_mesh) == 1:
+            return F.embedding(tokens, weight)
+        ids = tokens - self.vocab_start
+        owned = (ids >= 0) & (ids < weight.shape[0])
+        rows = F.embedding(ids.clamp(0, weight.shape[0] - 1), weight) * owned.unsqueeze(-1).to(weight.dtype)
+        return _leave_region(rows, self.tp_mesh, self.sequence_parallel)
+
+
+class VocabParallelOutput(nn.Module):
+    """The LM head: logits for this rank's slice of the vocabulary (W is Shard(0)). Returns a
+    DTensor sharded on the vocabulary dimension; the full-vocab logits are never built."""
+
+    def __init__(self, dim: int, vocab_size: int, tp_mesh: Optional[DeviceMesh] = None, sequence_parallel=False, weight=None):
+        super().__init__()
+        check_vocab(vocab_size, tp_size(tp_mesh))
+        self.tp_mesh = tp_mesh
+        self.enter = RegionInput(tp_mesh, sequence_parallel)
+        self.weight = weight if weight is not None else sharded_parameter((vocab_size, dim), tp_mesh, Shard(0))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(self.enter(h), local_tensor(self.weight))
+        if self.tp_mesh is None:
+            return logits
+        return DTensor.from_local(logits, self.tp_mesh, [Shard(logits.ndim - 1)], run_check=False)
+
+
+# ---------------------------------------------------------------- loss
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy on vocab-sharded logits with one small collective: each rank gathers
+    every rank's (log-sum-exp, target logit) per token, never the logits themselves."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, mesh, ignore_index, reduction):
+        n_local = logits.shape[-1]
+        vocab_start = tp_rank(mesh) * n_local
+        x = logits.float()
+        local_lse = torch.logsumexp(x, dim=-1)
+        ids = targets - vocab_start
+        owned = (ids >= 0) & (ids < n_local)
+        ids = ids.clamp(0, n_local - 1)
+        target_logit = x.gather(-1, ids.unsqueeze(-1)).squeeze(-1) * owned
+        stats = torch.stack([local_lse, target_logit]).unsqueeze(0)  # (1, 2, tokens)
+        if tp_size(mesh) > 1:
+            stats = _all_gather(stats, 0, mesh)
+        lse = torch.logsumexp(stats[:, 0], dim=0)
+        valid = targets != ignore_index
+        losses = (lse - stats[:, 1].sum(0)) * valid
+        divisor = valid.sum().clamp(min=1).to(x.dtype) if reduction == "mean" else torch.ones((), dtype=x.dtype)
+        ctx.save_for_backward(logits, lse, ids, owned & valid, valid, divisor)
+        return losses.sum() / divisor
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, lse, ids, owned, valid, divisor = ctx.saved_tensors
+        probs = torch.exp(logits.float() - lse.unsqueeze(-1))
+        probs.scatter_add_(-1, ids.unsqueeze(-1), -owned.to(probs.dtype).unsqueeze(-1))
+        probs.mul_((valid.to(probs.dtype) * (grad / divisor)).unsqueeze(-1))
+        return probs.to(logits.dtype), None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean"):
+    """Cross-entropy of (batch, seq, vocab) logits, vocab-sharded DTensor or plain tensor;
+    equal to F.cross_entropy on the gathered logits. `reduction="sum"` lets a caller
+    normalise by a token count it knows better (e.g. the global batch's)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if not isinstance(logits, DTensor):
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        return F.cross_entropy(flat, targets.reshape(-1), ignore_index=ignore_index, reduction=reduction)
+    mesh = logits.device_mesh
+    local = logits.to_local()
+    return _VocabParallelCrossEntropy.apply(
+        local.reshape(-1, local.shape[-1]), targets.reshape(-1), mesh, ignore_index, reduction
+    )
