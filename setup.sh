@@ -7,8 +7,8 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 if ! command -v nvidia-smi >/dev/null 2>&1 && ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    .venv/bin/pip install --quiet "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu \
-        || .venv/bin/pip install --quiet "torch==2.13.0"
+    # where this pin is not a CPU build, install your own torch into .venv first
+    .venv/bin/pip install --quiet "torch==2.13.0"
 fi
 .venv/bin/pip install --quiet -e '.[test]'
 echo "setup done: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"
