@@ -11,6 +11,7 @@ blocks, and the norms run on the local part of it.
 """
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -53,6 +54,29 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * local_tensor(self.weight, partial_grad=self.partial_grad)
 
 
+@dataclass
+class KVCache:
+    """Keys and values of the positions seen so far, for incremental decoding: per layer,
+    (batch, max_seq, n_local_kv_heads, head_dim), this rank's kv heads only, so the cache
+    is split across tp ranks like wk and wv. `Transformer.new_kv_cache` allocates one."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k[0].shape[1]
+
+
+def offset_causal_mask(seqlen: int, start_pos: int, device) -> Optional[torch.Tensor]:
+    """Causal mask for queries at positions start_pos.. over keys at 0..: SDPA's is_causal
+    aligns the two top-left, which is only right when start_pos is 0. One query sees all."""
+    if seqlen == 1:
+        return None
+    query_pos = torch.arange(start_pos, start_pos + seqlen, device=device)
+    return torch.arange(start_pos + seqlen, device=device)[None, :] <= query_pos[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, tp_mesh: Optional[DeviceMesh] = None, sequence_parallel: bool = False):
         super().__init__()
@@ -70,7 +94,7 @@ class Attention(nn.Module):
         self.wv = ColumnParallelLinear(args.dim, kv_dim, tp_mesh, replicated_rows=kv_rows)
         self.wo = RowParallelLinear(args.n_heads * args.head_dim, args.dim, tp_mesh, sequence_parallel)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0, kv_cache=None):
         x = self.enter(x)
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.layout.n_local_heads, self.head_dim)
@@ -78,12 +102,23 @@ class Attention(nn.Module):
         xv = self.wv(x).view(bsz, seqlen, self.layout.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rope(xq, cos, sin), apply_rope(xk, cos, sin)
 
+        causal, mask = True, None
+        if kv_cache is not None:
+            cache_k, cache_v = kv_cache
+            end = start_pos + seqlen
+            cache_k[:bsz, start_pos:end] = xk
+            cache_v[:bsz, start_pos:end] = xv
+            xk, xv = cache_k[:bsz, :end], cache_v[:bsz, :end]
+            if start_pos > 0:
+                mask = offset_causal_mask(seqlen, start_pos, x.device)
+                causal = False
+
         q, k, v = (t.transpose(1, 2) for t in (xq, xk, xv))  # (bsz, heads, seqlen, head_dim)
         if self.layout.uniform_groups:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         else:
             index = torch.tensor(self.layout.kv_for_head, device=k.device)
-            out = F.scaled_dot_product_attention(q, k[:, index], v[:, index], is_causal=True)
+            out = F.scaled_dot_product_attention(q, k[:, index], v[:, index], attn_mask=mask, is_causal=causal)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -110,14 +145,16 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps, tp_mesh, sequence_parallel)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, tp_mesh, sequence_parallel)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0, kv_cache=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, kv_cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
     """`model(tokens)` -> logits: a plain (batch, seq, vocab) tensor without a tp mesh, a
     vocab-sharded DTensor with one (`.full_tensor()` gathers it).
+    `model(tokens, start_pos, cache)` runs positions start_pos.. against a KVCache that
+    already holds 0..start_pos - 1, and adds theirs to it (inference).
 
     Build on the meta device and call `init_weights()` (or `llama.load_model`) to
     allocate only this rank's shards."""
@@ -140,20 +177,44 @@ class Transformer(nn.Module):
         self.output = VocabParallelOutput(args.dim, args.vocab_size, tp_mesh, self.sequence_parallel, weight=tied)
         self._rope = None  # (cos, sin), built on first use on the tokens' device
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None) -> torch.Tensor:
         self.check_tokens(tokens)
+        if cache is not None or start_pos:
+            self.check_cache(cache, tokens, start_pos)
         seqlen = tokens.shape[1]
-        cos, sin = self.rope(seqlen, tokens.device)
+        cos, sin = self.rope(seqlen, tokens.device, start_pos)
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, cos, sin)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, start_pos, None if cache is None else (cache.k[i], cache.v[i]))
         return self.output(self.norm(h))
 
-    def rope(self, seqlen: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, seqlen: int, device, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].device != torch.device(device):
             self._rope = rope_table(self.args, self.args.max_seq_len, device)
         cos, sin = self._rope
-        return cos[:seqlen], sin[:seqlen]
+        return cos[start_pos : start_pos + seqlen], sin[start_pos : start_pos + seqlen]
+
+    def new_kv_cache(self, batch_size: int, max_seq_len: Optional[int] = None) -> KVCache:
+        """An empty cache for this rank's kv heads, in the model's dtype and on its device."""
+        max_seq_len = max_seq_len or self.args.max_seq_len
+        if not 0 < max_seq_len <= self.args.max_seq_len:
+            raise ValueError(f"KV cache length {max_seq_len} must be in [1, max_seq_len {self.args.max_seq_len}]")
+        like = local_tensor(self.tok_embeddings.weight)
+        shape = (batch_size, max_seq_len, self.layers[0].attention.layout.n_local_kv_heads, self.args.head_dim)
+        zeros = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(2 * self.args.n_layers)]
+        return KVCache(k=zeros[::2], v=zeros[1::2])
+
+    def check_cache(self, cache: Optional[KVCache], tokens: torch.Tensor, start_pos: int) -> None:
+        if cache is None:
+            raise ValueError(f"start_pos {start_pos} needs a KVCache holding the earlier positions (cache=model.new_kv_cache(...))")
+        if self.sequence_parallel:
+            raise ValueError("KV cache decoding runs one token at a time; build the model with sequence_parallel=False")
+        end = start_pos + tokens.shape[1]
+        if start_pos < 0 or end > cache.max_seq_len or tokens.shape[0] > cache.k[0].shape[0]:
+            raise ValueError(
+                f"positions [{start_pos}, {end}) x batch {tokens.shape[0]} do not fit the KV cache "
+                f"(max_seq_len {cache.max_seq_len}, batch {cache.k[0].shape[0]}); allocate a larger one"
+            )
 
     def check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.ndim != 2 or tokens.dtype not in (torch.int32, torch.int64):
