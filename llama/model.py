@@ -249,5 +249,12 @@ class Transformer(nn.Module):
                 fill_normal_(param, scale, seed, name)
         return self
 
+    def _apply(self, fn, *args, **kwargs):
+        # to_empty / .to() give each module a new parameter, which would untie the output
+        super()._apply(fn, *args, **kwargs)
+        if self.args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        return self
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -32,8 +32,7 @@ def rope_table(args: ModelArgs, seq_len: int, device=None) -> tuple[torch.Tensor
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (batch, seq, heads, head_dim); cos/sin: (seq, head_dim / 2)."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs.unbind(-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    # one complex multiply is several times faster than the same rotation in real ops
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    rotation = torch.complex(cos, sin)[:, None, :]
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)

@@ -276,3 +276,13 @@ def test_init_weights_materialises_a_meta_model():
     model.init_weights(seed=0)
     assert not any(p.is_meta for p in model.parameters())
     assert torch.isfinite(model(batch(TINY)[0])).all()
+
+
+def test_tied_output_stays_tied_after_materialisation_and_casts():
+    args = ModelArgs(**{**TINY.to_dict(), "tie_word_embeddings": True})
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.init_weights(seed=0)
+    model.to(torch.float64)
+    assert model.output.weight is model.tok_embeddings.weight
+    assert "output.weight" not in dict(model.named_parameters())
