@@ -1,0 +1,132 @@
+"""train.py end to end under torchrun on 4 CPU processes: training, checkpoints,
+resume on the same and on other meshes, faults, and start-up errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama import ModelArgs, Transformer
+from llama.weights import save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=264, multiple_of=32, max_seq_len=128)
+RUN = ["--seq-len", "32", "--global-batch", "8", "--warmup", "2", "--log-every", "1", "--lr", "3e-3"]
+
+
+def torchrun(*args, nproc=4, max_restarts=0, env=None, timeout=300):
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--max-restarts",
+        str(max_restarts), "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "--monitor-interval", "0.5",
+        str(ROOT / "train.py"), *map(str, args),
+    ]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+
+
+def metrics(save_dir: Path) -> list:
+    return [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(save_dir: Path) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    newest = sorted(save_dir.glob("step_*"))[-1]
+    out = save_dir / "final.pt"
+    dcp_to_torch_save(str(newest), str(out))
+    return torch.load(out, weights_only=False)["model"]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    """A tiny converted checkpoint, as convert_weights.py writes it."""
+    path = tmp_path_factory.mktemp("converted")
+    model = Transformer(TINY).init_weights(seed=5)
+    return save_checkpoint(model.state_dict(), TINY, path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """About 60 KB of text: enough windows for the runs below, small to tokenize."""
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    files = sorted((Path(torch.__file__).parent / "nn" / "modules").glob("*.py"))[:6]
+    path.write_text("\n\n".join(f.read_text() for f in files)[:60_000])
+    return path
+
+
+def check(result):
+    assert result.returncode == 0, f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
+def test_2x2_run_from_a_converted_checkpoint_lowers_the_loss(converted, data, tmp_path):
+    check(torchrun("--checkpoint", converted, "--data", data, "--save-dir", tmp_path, "--steps", 12, "--save-every", 5, *RUN))
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, [r["loss"] for r in rows]
+    for key in ("lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "mfu", "memory_gb"):
+        assert rows[-1][key] > 0
+    assert [p.name for p in sorted(tmp_path.glob("step_*"))] == ["step_00000010", "step_00000012"]  # --keep 2
+
+
+def test_resume_on_the_same_mesh_continues_bit_for_bit(converted, data, tmp_path):
+    common = ("--checkpoint", converted, "--data", data, "--steps", 8, "--save-every", 4, *RUN)
+    check(torchrun(*common, "--save-dir", tmp_path / "whole"))
+    check(torchrun(*common, "--save-dir", tmp_path / "split", "--stop-after", 4))
+    check(torchrun(*common, "--save-dir", tmp_path / "split", "--resume"))
+    whole, split = metrics(tmp_path / "whole"), metrics(tmp_path / "split")
+    assert [r["loss"] for r in whole] == [r["loss"] for r in split]
+    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("tp", [1, 4])
+def test_a_2x2_checkpoint_resumes_on_another_mesh(converted, data, tmp_path, tp):
+    common = ("--checkpoint", converted, "--data", data, "--steps", 5, "--save-every", 4, *RUN)
+    check(torchrun(*common, "--save-dir", tmp_path / "whole", "--tp", 2))
+    check(torchrun(*common, "--save-dir", tmp_path / "moved", "--tp", 2, "--stop-after", 4))
+    check(torchrun(*common, "--save-dir", tmp_path / "moved", "--tp", tp, "--resume"))
+    whole, moved = metrics(tmp_path / "whole"), metrics(tmp_path / "moved")
+    assert moved[-1]["step"] == 5 and moved[-1]["samples_seen"] == whole[-1]["samples_seen"]
+    assert abs(moved[-1]["loss"] - whole[-1]["loss"]) <= 1e-4
+
+
+def test_a_rank_killed_mid_run_restarts_and_ends_with_the_uninterrupted_weights(converted, data, tmp_path):
+    common = ("--checkpoint", converted, "--data", data, "--steps", 6, "--save-every", 3, "--resume", *RUN)
+    check(torchrun(*common, "--save-dir", tmp_path / "whole"))
+    killed = torchrun(*common, "--save-dir", tmp_path / "killed", max_restarts=1, env={"LLAMA_TP_FAULT": "step:5:1"})
+    check(killed)
+    assert "resumed from" in killed.stdout and "step_00000003" in killed.stdout
+    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_rank_killed_while_saving_leaves_the_previous_checkpoint_to_resume(converted, data, tmp_path):
+    common = ("--checkpoint", converted, "--data", data, "--steps", 6, "--save-every", 3, "--resume", *RUN)
+    check(torchrun(*common, "--save-dir", tmp_path / "whole"))
+    killed = torchrun(*common, "--save-dir", tmp_path / "killed", max_restarts=1, env={"LLAMA_TP_FAULT": "save:6:2"})
+    check(killed)
+    assert "step_00000003" in killed.stdout  # step 6's half-written save was not taken
+    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--checkpoint", "/nonexistent/ckpt"], "model_args.json: not found"),
+        (["--tp", "3"], "--tp 3 must divide the world size 4"),
+        (["--seq-len", "4096"], "--seq-len 4096 exceeds the model's max_seq_len"),
+        (["--global-batch", "7"], "global batch 7 is not divisible by dp_size 2"),
+        (["--seq-len", "120", "--global-batch", "4096"], "fewer than one global batch of 4096"),
+    ],
+)
+def test_startup_errors_print_one_line_and_every_rank_exits(data, tmp_path, flags, message):
+    result = torchrun("--data", data, "--save-dir", tmp_path, "--steps", 2, "--preset", "debug", *flags, timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr.split("train.py: error:")[0][-500:]
