@@ -19,7 +19,6 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from llama.tokenizer import load_tokenizer
 from llama.weights import read_model_args
 from parallel.fsdp import STRATEGIES, build_parallel_model
 from parallel.layers import reduce_partial_gradients, vocab_parallel_cross_entropy
-from parallel.mesh import build_mesh, device_type, init_distributed
+from parallel.mesh import build_mesh, default_tp, device_type, dp_rank, dp_size, init_distributed
 from parallel.train_utils import clip_grad_norm_
 
 CHECKPOINT_PREFIX = "step_"
@@ -194,27 +193,12 @@ def memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-@dataclass
-class Setup:
-    mesh: object
-    dp_rank: int
-    dp_size: int
-    rank: int
-
-
-def make_mesh(opts) -> Setup:
+def make_mesh(opts):
     world = dist.get_world_size()
     tp = opts.tp
-    if tp is None:
-        tp = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if device_type() == "cuda" else (2 if world % 2 == 0 else 1)
-    mesh = build_mesh(tp, opts.dp_replicate)
-    dp_dims = [name for name in mesh.mesh_dim_names if name != "tp"]
-    dp_mesh = mesh[tuple(dp_dims)] if len(dp_dims) > 1 else mesh[dp_dims[0]]
-    dp_rank = dp_mesh.get_coordinate()
-    flat_rank = 0
-    for size, coord in zip(dp_mesh.mesh.shape, dp_rank):
-        flat_rank = flat_rank * size + coord
-    return Setup(mesh=mesh, dp_rank=flat_rank, dp_size=dp_mesh.size(), rank=dist.get_rank())
+    if tp is None:  # the embedded default is a 2x2 mesh on a CPU with 4 processes
+        tp = default_tp() if device_type() == "cuda" else (2 if world % 2 == 0 else 1)
+    return build_mesh(tp, opts.dp_replicate, hybrid=STRATEGIES[opts.strategy].hybrid)
 
 
 def log_line(record: dict) -> str:
@@ -229,8 +213,8 @@ def log_line(record: dict) -> str:
 
 
 def train(opts) -> dict:
-    setup = make_mesh(opts)
-    rank, mesh = setup.rank, setup.mesh
+    mesh = make_mesh(opts)
+    rank = dist.get_rank()
     device = torch.device(device_type(), torch.cuda.current_device()) if device_type() == "cuda" else torch.device("cpu")
     torch.manual_seed(opts.seed)
     save_dir = Path(opts.save_dir)
@@ -241,7 +225,7 @@ def train(opts) -> dict:
     tokenizer = load_tokenizer(opts.tokenizer)
     if tokenizer.vocab_size > args.vocab_size:
         raise ValueError(f"--tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is {args.vocab_size}")
-    global_batch = opts.global_batch or opts.micro_batch * setup.dp_size * opts.grad_accum
+    global_batch = opts.global_batch or opts.micro_batch * dp_size(mesh) * opts.grad_accum
 
     sources = opts.data or default_corpus_paths()
     if rank == 0:  # one rank tokenizes; the others read its cache
@@ -250,7 +234,7 @@ def train(opts) -> dict:
     cache = load_token_cache(sources, tokenizer, opts.cache_dir, quiet=True)
     dataset = PackedDataset(cache, opts.seq_len, seed=opts.seed)
     loader = DistributedDataLoader(
-        dataset, global_batch=global_batch, dp_rank=setup.dp_rank, dp_size=setup.dp_size, grad_accum=opts.grad_accum
+        dataset, global_batch=global_batch, dp_rank=dp_rank(mesh), dp_size=dp_size(mesh), grad_accum=opts.grad_accum
     )
 
     model = build_parallel_model(
@@ -306,7 +290,7 @@ def train(opts) -> dict:
             loss = vocab_parallel_cross_entropy(logits, targets, reduction="sum") / tokens_per_step
             loss.backward()
             loss_sum += loss.detach()
-        reduce_partial_gradients(model)
+        reduce_partial_gradients(model)  # no-op under FSDP2, which sums tp-partial gradients itself
         grad_norm = clip_grad_norm_(model, opts.clip if opts.clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,231 @@
+"""2-D parallelism: FSDP2 (`fully_shard`) on the data-parallel mesh around the
+tensor-parallel model.
+
+The model's parameters are DTensors on the tp mesh; `fully_shard` adds a dp sharding
+(Shard(0) of each rank's tp shard), so a rank holds a 2-D shard: 1/(dp*tp) of a
+matrix. The four sharding strategies of FSDP1 map onto FSDP2 as:
+
+  full          FULL_SHARD     shard over dp, free gathered params after forward
+  grad_op       SHARD_GRAD_OP  shard over dp, keep gathered params until backward
+  hybrid        HYBRID_SHARD   shard inside dp_shard, replicate across dp_replicate
+  hybrid_zero2  hybrid + keep gathered params until backward
+
+`build_parallel_model` is the one entry point: meta model -> compile -> activation
+checkpointing -> fully_shard -> allocate only this rank's 2-D shard -> init or load.
+
+Gradients come out *summed* over dp ranks, not averaged: the loss is normalised by
+the global token count (`parallel.train_utils.token_loss`), which already holds the
+1/N, so averaging again would make the gradient depend on the mesh.
+
+Gradients that tp ranks compute in part (norm weights under sequence parallelism, kv
+projections shared when tp > n_kv_heads: `local_tensor(..., partial_grad=True)`) reach
+FSDP as tp-Partial DTensors. FSDP2 redistributes each to its parameter's tp placement,
+i.e. one tp all-reduce per such gradient, before the dp reduce-scatter, so the
+training loop needs no `reduce_partial_gradients` call (it would find nothing to do).
+tests/test_fsdp.py holds this against single-device gradients.
+"""
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
+
+from llama.config import ModelArgs
+from llama.model import Transformer
+
+from .mesh import dp_mesh, is_hybrid, tp_mesh
+from .train_utils import clip_grad_norm_
+
+__all__ = ["STRATEGIES", "Strategy", "build_parallel_model", "clip_grad_norm_", "fsdp_groups", "get_strategy"]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    hybrid: bool  # shard over dp_shard, replicate over dp_replicate
+    reshard_after_forward: bool  # False: ZeRO-2 style, params stay gathered from forward to backward
+
+
+STRATEGIES = {
+    "full": Strategy("full", hybrid=False, reshard_after_forward=True),
+    "grad_op": Strategy("grad_op", hybrid=False, reshard_after_forward=False),
+    "hybrid": Strategy("hybrid", hybrid=True, reshard_after_forward=True),
+    "hybrid_zero2": Strategy("hybrid_zero2", hybrid=True, reshard_after_forward=False),
+}
+MIXED_PRECISION = (None, "fp32", "bf16")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+
+
+def get_strategy(name: str) -> Strategy:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown --strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    return STRATEGIES[name]
+
+
+def fsdp_mesh(mesh: DeviceMesh, strategy: Strategy) -> DeviceMesh:
+    """The mesh fully_shard runs on: 1-D "dp", or 2-D (dp_replicate, dp_shard) for HSDP."""
+    if strategy.hybrid:
+        if not is_hybrid(mesh):
+            raise ValueError(
+                f"--strategy {strategy.name} needs the hybrid mesh (dp_replicate, dp_shard, tp); "
+                f"build it with build_mesh(tp, dp_replicate=R, hybrid=True) / --dp-replicate R, got {mesh.mesh_dim_names}"
+            )
+        return mesh["dp_replicate", "dp_shard"]
+    return dp_mesh(mesh)  # on a hybrid mesh: all dp ranks, flattened
+
+
+def mixed_precision_policy(name: Optional[str]) -> MixedPrecisionPolicy:
+    """bf16: gather bf16 copies of the fp32 shards for compute, reduce gradients in fp32.
+    The fp32 shards are the optimizer's master weights. Forward inputs are not cast: the
+    activations are bf16 already (they come from bf16 weights), and the RoPE tables that
+    blocks receive must stay fp32."""
+    if name not in MIXED_PRECISION:
+        raise ValueError(f"unknown --mixed-precision {name!r}; choose one of {', '.join(map(str, MIXED_PRECISION))}")
+    if name == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    return MixedPrecisionPolicy()
+
+
+def check_activation_checkpointing(mode: str) -> None:
+    if mode not in ACTIVATION_CHECKPOINTING:
+        raise ValueError(
+            f"unknown --activation-checkpointing {mode!r}; choose one of {', '.join(ACTIVATION_CHECKPOINTING)}"
+        )
+
+
+def checkpointed_blocks(n_layers: int, mode: str) -> list:
+    """Indices of the blocks whose activations are recomputed in backward.
+    selective = every other block (0, 2, 4, ...): half the activation memory of none,
+    half the recompute of full."""
+    check_activation_checkpointing(mode)
+    if mode == "full":
+        return list(range(n_layers))
+    if mode == "selective":
+        return list(range(0, n_layers, 2))
+    return []
+
+
+def _recompute_in_backward(forward):
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
+    # The block's forward is wrapped in place rather than the block in a wrapper module:
+    # parameter names stay Meta's (`layers.0.attention.wq.weight`), which checkpoint
+    # loading and DCP rely on. FSDP's hooks sit outside, so recomputation re-gathers nothing.
+    for i in checkpointed_blocks(len(model.layers), mode):
+        block = model.layers[i]
+        block.forward = _recompute_in_backward(block.forward)
+
+
+def apply_compile(model: Transformer, backend: str = "inductor") -> None:
+    # Per block, so that all blocks share one compiled graph and FSDP's hooks (which
+    # dynamo skips) stay between graphs instead of breaking one large graph.
+    for block in model.layers:
+        block.forward = torch.compile(block.forward, backend=backend)
+
+
+def fsdp_groups(model: Transformer, strategy: Strategy) -> list:
+    """(name, module or modules, reshard_after_forward) for each FSDP group, in the order
+    fully_shard is applied, the root last. Each group is gathered by one all-gather and
+    its gradients reduced by one reduce-scatter (plus one all-reduce across dp_replicate
+    for HSDP). The planner reads the same list."""
+    reshard = strategy.reshard_after_forward
+    groups = [(f"layers.{i}", block, reshard) for i, block in enumerate(model.layers)]
+    if not model.args.tie_word_embeddings:
+        groups.append(("tok_embeddings", model.tok_embeddings, reshard))
+        # used last in forward, first in backward: resharding would only gather them again
+        groups.append(("norm+output", [model.norm, model.output], False))
+    # Tied embeddings: one parameter is read by the first and the last module, so it can
+    # only live in a group spanning both: the root (with the final norm).
+    groups.append(("root", model, False))
+    return groups
+
+
+def apply_fsdp(
+    model: Transformer,
+    mesh: DeviceMesh,
+    strategy: Strategy,
+    mp_policy: MixedPrecisionPolicy = MixedPrecisionPolicy(),
+    offload_policy: OffloadPolicy = OffloadPolicy(),
+) -> None:
+    dp = fsdp_mesh(mesh, strategy)
+    for _, modules, reshard in fsdp_groups(model, strategy):
+        fully_shard(modules, mesh=dp, reshard_after_forward=reshard, mp_policy=mp_policy, offload_policy=offload_policy)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # Sum over dp instead of averaging (see the module docstring). Forcing a plain
+            # SUM keeps gloo working (it has no PREMUL_SUM / AVG reduce-scatter).
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def _materialize_device(mesh: DeviceMesh, cpu_offload: bool) -> torch.device:
+    if cpu_offload or mesh.device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(mesh.device_type, torch.cuda.current_device() if mesh.device_type == "cuda" else 0)
+
+
+def build_parallel_model(
+    source: Union[ModelArgs, str, Path],
+    mesh: DeviceMesh,
+    *,
+    strategy: str = "full",
+    sequence_parallel: bool = False,
+    mixed_precision: Optional[str] = None,
+    cpu_offload: bool = False,
+    activation_checkpointing: str = "none",
+    compile: Union[bool, str] = False,
+    seed: int = 0,
+    materialize: bool = True,
+) -> Transformer:
+    """The 2-D parallel model on `mesh` (from `parallel.mesh.build_mesh`).
+
+    source: ModelArgs (random init, `Transformer.init_weights(seed)`: equal values on any
+    mesh) or the directory of a converted checkpoint (each rank reads only its 2-D shard).
+    compile: False, True (inductor) or a torch.compile backend name.
+    materialize=False leaves the model on the meta device (the planner uses this).
+
+    Gradients are sums over dp ranks; normalise the loss by the global token count."""
+    plan = get_strategy(strategy)
+    mp_policy = mixed_precision_policy(mixed_precision)
+    check_activation_checkpointing(activation_checkpointing)
+    fsdp_mesh(mesh, plan)  # checks the mesh before anything is built
+    path = None
+    if isinstance(source, ModelArgs):
+        args = source
+    else:
+        from llama.weights import read_model_args
+
+        path, args = Path(source), read_model_args(source)
+
+    with torch.device("meta"):
+        model = Transformer(args, tp_mesh(mesh), sequence_parallel=sequence_parallel)
+    if compile:
+        apply_compile(model, "inductor" if compile is True else compile)
+    # after compile: checkpoint runs eagerly around the compiled block (traced inside a
+    # graph, the checkpoint would have to save the tp layers' DeviceMesh, which it cannot)
+    apply_activation_checkpointing(model, activation_checkpointing)
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+    apply_fsdp(model, mesh, plan, mp_policy, offload)
+    if not materialize:
+        return model
+
+    # Only now is memory allocated: each rank's (dp, tp) shard of every parameter.
+    model.to_empty(device=_materialize_device(mesh, cpu_offload))
+    if path is None:
+        model.init_weights(seed)
+    else:
+        from llama.weights import load_weights_
+
+        load_weights_(model, path)
+    return model

@@ -1,0 +1,123 @@
+"""Mesh-independent training arithmetic: the loss normalised by the global token count,
+and gradient clipping over DTensor gradients sharded on any (dp, tp) mesh.
+
+With these, a step's loss, gradient norm and update are those of one device holding
+the whole global batch, whatever the mesh and the number of micro-steps."""
+
+import math
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+from .layers import vocab_parallel_cross_entropy
+from .mesh import dp_mesh
+
+
+def global_token_count(
+    targets: Union[torch.Tensor, Sequence[torch.Tensor]], mesh: Optional[DeviceMesh] = None, ignore_index: int = -100
+) -> int:
+    """Target tokens in the whole optimizer step: every micro-batch of every dp rank.
+    `targets`: this rank's micro-batches (all of them, before the first forward). One
+    all-reduce over dp; tp ranks share a batch, so they are not counted again."""
+    if isinstance(targets, torch.Tensor):
+        targets = [targets]
+    count = sum(int((t != ignore_index).sum()) for t in targets)
+    if mesh is None or dp_mesh(mesh).size() == 1:
+        return count
+    group = dp_mesh(mesh)
+    total = torch.tensor([count], dtype=torch.int64, device=group.device_type)
+    dist.all_reduce(total, group=group.get_group())
+    return int(total.item())
+
+
+def token_loss(logits, targets: torch.Tensor, global_tokens: int, ignore_index: int = -100) -> torch.Tensor:
+    """This micro-batch's share of the step's mean token loss: its summed token losses over
+    the global token count. Backward on every share (FSDP sums gradients over dp) gives
+    the gradient of the mean over the global batch; the shares add up to that mean."""
+    loss = vocab_parallel_cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+    return loss / max(global_tokens, 1)
+
+
+def sum_over_dp(value: float, mesh: Optional[DeviceMesh] = None) -> float:
+    """Add up a per-rank number over dp ranks, e.g. the `token_loss` shares, whose sum
+    is the step's mean loss (for logging; one small all-reduce)."""
+    if mesh is None or dp_mesh(mesh).size() == 1:
+        return value
+    group = dp_mesh(mesh)
+    total = torch.tensor([value], dtype=torch.float64, device=group.device_type)
+    dist.all_reduce(total, group=group.get_group())
+    return float(total.item())
+
+
+def _replicas(grad: DTensor) -> int:
+    """How many ranks hold each element of this gradient (its Replicate mesh dims)."""
+    return math.prod(grad.device_mesh.size(i) for i, p in enumerate(grad.placements) if p.is_replicate())
+
+
+def _gradients(parameters) -> list:
+    if isinstance(parameters, nn.Module):
+        parameters = parameters.parameters()
+    grads = []
+    for param in parameters:
+        grad = param.grad
+        if grad is None:
+            continue
+        if isinstance(grad, DTensor) and any(p.is_partial() for p in grad.placements):
+            raise ValueError(
+                "a gradient is still a partial sum over tp ranks; call parallel.layers.reduce_partial_gradients(model) "
+                "after backward (FSDP-wrapped models do this themselves)"
+            )
+        grads.append(grad)
+    return grads
+
+
+def _mesh_device(mesh: DeviceMesh) -> torch.device:
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(mesh.device_type)
+
+
+def _norm_of(grads: list) -> torch.Tensor:
+    # Each rank sums the squares of its local shards, dividing replicated ones by their
+    # replica count so that the sum over all ranks counts each element once; one
+    # all-reduce over the world (the model spans every rank) adds the ranks up.
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    by_replicas: dict = {}
+    mesh = None
+    for grad in grads:
+        if isinstance(grad, DTensor):
+            mesh = grad.device_mesh
+            by_replicas.setdefault(_replicas(grad), []).append(grad.to_local())
+        else:
+            by_replicas.setdefault(1, []).append(grad)
+    # the sum lives where the collective can run (a GPU for NCCL, even with CPU offload)
+    device = grads[0].device if mesh is None else _mesh_device(mesh)
+    square_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for replicas, tensors in by_replicas.items():
+        norms = torch._foreach_norm(tensors)
+        square_sum += torch.stack([n.to(device, torch.float64) for n in norms]).square().sum() / replicas
+    if mesh is not None and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(square_sum)
+    return square_sum.sqrt()
+
+
+def grad_norm(parameters: Union[nn.Module, Iterable[torch.Tensor]]) -> float:
+    """The L2 norm of all gradients, equal to what one device holding whole tensors computes."""
+    return float(_norm_of(_gradients(parameters)))
+
+
+def clip_grad_norm_(parameters: Union[nn.Module, Iterable[torch.Tensor]], max_norm: float, eps: float = 1e-6) -> float:
+    """Scale all gradients so that their global L2 norm is at most `max_norm`; returns the
+    norm before clipping, as torch.nn.utils.clip_grad_norm_ does on one device."""
+    grads = _gradients(parameters)
+    total = float(_norm_of(grads))
+    coef = max_norm / (total + eps)
+    if coef < 1.0:
+        with torch.no_grad():
+            torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], coef)
+    return total

@@ -1,0 +1,68 @@
+"""The ("dp", "tp") / ("dp_replicate", "dp_shard", "tp") mesh: shapes, defaults from
+torchrun's environment, and one clear error for a world that does not fit. Mesh layouts
+on real ranks are checked in test_fsdp.py's launch; here a fake process group stands in."""
+
+import pytest
+import torch.distributed as dist
+
+import parallel.mesh as mesh_mod
+from parallel.mesh import build_mesh, default_tp, dp_mesh, dp_size, is_hybrid, mesh_shape, tp_mesh
+from parallel.plan import init_fake_world
+
+
+def one_line_error(fn, *fragments):
+    with pytest.raises(ValueError) as error:
+        fn()
+    message = str(error.value)
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_mesh_shape_is_dp_by_tp_or_replicate_by_shard_by_tp():
+    assert mesh_shape(16, 8) == {"dp": 2, "tp": 8}
+    assert mesh_shape(128, 8, dp_replicate=4) == {"dp_replicate": 4, "dp_shard": 4, "tp": 8}
+    assert mesh_shape(4, 2, hybrid=True) == {"dp_replicate": 1, "dp_shard": 2, "tp": 2}
+    assert mesh_shape(4, 4) == {"dp": 1, "tp": 4}
+
+
+def test_world_that_does_not_fit_gets_one_line_naming_the_flag():
+    one_line_error(lambda: mesh_shape(12, 8), "--tp 8 must divide the world size 12")
+    one_line_error(lambda: mesh_shape(16, 0), "--tp 0")
+    one_line_error(lambda: mesh_shape(16, 4, dp_replicate=3), "--dp-replicate 3 must divide the data-parallel size 4")
+    one_line_error(lambda: mesh_shape(16, 4, dp_replicate=2, hybrid=False), "--dp-replicate 2", "hybrid")
+
+
+def test_default_tp_is_the_gpus_of_one_node(monkeypatch):
+    monkeypatch.setattr(mesh_mod, "device_type", lambda: "cuda")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_tp() == 8
+    monkeypatch.setattr(mesh_mod, "device_type", lambda: "cpu")
+    assert default_tp() == 1  # no NVLink to exploit: all data parallel
+
+
+@pytest.fixture
+def fake_world():
+    def start(size):
+        init_fake_world(size)
+
+    yield start
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_build_mesh_names_dims_and_flattens_hybrid_dp(fake_world):
+    fake_world(16)
+    mesh = build_mesh(4, device="cpu")
+    assert mesh.mesh_dim_names == ("dp", "tp") and not is_hybrid(mesh)
+    assert dp_size(mesh) == 4 and tp_mesh(mesh).size() == 4
+    hybrid = build_mesh(4, dp_replicate=2, device="cpu")
+    assert hybrid.mesh_dim_names == ("dp_replicate", "dp_shard", "tp") and is_hybrid(hybrid)
+    assert dp_mesh(hybrid).size() == 4 and dp_mesh(hybrid).mesh_dim_names == ("dp",)
+    assert tp_mesh(build_mesh(1, device="cpu")) is None  # tp 1: plain parameters, no size-1 collectives
+
+
+def test_build_mesh_checks_the_world_size(fake_world):
+    fake_world(8)
+    one_line_error(lambda: build_mesh(2, world_size=16, device="cpu"), "world size 16", "8 ranks")
+    one_line_error(lambda: build_mesh(3, device="cpu"), "--tp 3 must divide the world size 8")
