@@ -27,7 +27,7 @@ import torch.distributed as dist
 from llama.config import PRESETS, ModelArgs
 from llama.data import DistributedDataLoader, PackedDataset, default_corpus_paths, load_token_cache
 from llama.tokenizer import load_tokenizer
-from llama.weights import read_model_args
+from llama.weights import read_model_args, write_model_args
 from parallel.fsdp import STRATEGIES, build_parallel_model
 from parallel.layers import reduce_partial_gradients, vocab_parallel_cross_entropy
 from parallel.mesh import build_mesh, default_tp, device_type, dp_rank, dp_size, init_distributed
@@ -128,6 +128,8 @@ def complete_checkpoints(save_dir: Path) -> list:
 
 
 def save_checkpoint(save_dir: Path, step: int, model, optimizer, loader, opts, rank: int) -> Path:
+    """step_N/: the DCP shards, per-rank RNG, model_args.json (so that convert_weights.py
+    --to-hf can export it), and trainer.json, written last."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -142,6 +144,7 @@ def save_checkpoint(save_dir: Path, step: int, model, optimizer, loader, opts, r
     _fault_injection("save", step, rank)
     dist.barrier()
     if rank == 0:
+        write_model_args(model.args, partial)
         trainer = {"step": step, "data": loader.state_dict(), "world_size": dist.get_world_size(), "args": vars(opts)}
         tmp = partial / "trainer.json.tmp"
         tmp.write_text(json.dumps(trainer, indent=1))

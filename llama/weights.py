@@ -1,19 +1,34 @@
-"""The project's checkpoint format and `load_model`.
+"""The project's checkpoint format, `load_model`, and the safetensors reading and writing
+that both the loader and convert_weights.py use.
 
 A converted checkpoint is a directory:
   model_args.json                 {"format": FORMAT, "model_args": {...ModelArgs...}}
+                                  (+ "hf": the source's config.json, kept for the way back)
   model.safetensors               tensors in Meta's names and Meta's RoPE layout, or
   model-0000K-of-0000N.safetensors + model.safetensors.index.json  (HF-style index)
-Safetensors lets each rank read only the bytes of its own shard (a memory-mapped
-slice), so a checkpoint loads on any mesh without a conversion step.
+
+Safetensors files are read and written here without the safetensors library's mmap:
+  - a rank loading its shard reads exactly the bytes of that shard with pread (a
+    column shard is one read per row), so the bytes read per rank can be counted and
+    the kernel's mmap read-around never pulls in the other ranks' columns;
+  - a converter writes the header first (every shape and dtype is known from the
+    source's headers) and then the tensors one by one, so a checkpoint of any size
+    streams through memory one tensor at a time.
+The byte layout follows the safetensors spec exactly (8-byte little-endian header
+length, compact JSON header padded with spaces to 8 bytes, tensors back to back), so
+the files are byte-identical to those `safetensors.torch.save_file` writes.
 """
 
+import itertools
 import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch.distributed.device_mesh import DeviceMesh
 
 from parallel.layers import local_slices, local_tensor
@@ -26,8 +41,26 @@ ARGS_FILE = "model_args.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+# ---------------------------------------------------------------- model_args.json
+
 
 def read_model_args(path) -> ModelArgs:
+    meta = read_checkpoint_meta(path)
+    return ModelArgs.from_dict(meta["model_args"], source=str(Path(path) / ARGS_FILE))
+
+
+def read_checkpoint_meta(path) -> dict:
+    """The whole of model_args.json, checked to be this format."""
     path = Path(path)
     file = path / ARGS_FILE
     if not file.is_file():
@@ -35,11 +68,313 @@ def read_model_args(path) -> ModelArgs:
         raise ValueError(f"{file}: not found; {path} is not a converted checkpoint{hint}")
     try:
         meta = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{file}: unreadable: {err}") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{file}: format {meta.get('format')!r} is not {FORMAT!r}")
-    return ModelArgs.from_dict(meta["model_args"], source=str(file))
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{file}: format {found!r} is not {FORMAT!r}")
+    if not isinstance(meta.get("model_args"), dict):
+        raise ValueError(f"{file}: no 'model_args' object")
+    return meta
+
+
+def write_model_args(args: ModelArgs, out_dir, extra: Optional[dict] = None) -> None:
+    """`extra`: more top-level keys, e.g. "hf" (the source's config.json) for the way back."""
+    meta = {"format": FORMAT, "model_args": args.to_dict(), **(extra or {})}
+    (Path(out_dir) / ARGS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- safetensors headers
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a safetensors file: where its bytes lie in the file."""
+
+    dtype: torch.dtype
+    shape: tuple
+    start: int  # absolute file offset of the first byte
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class SafetensorsHeader:
+    file: Path
+    metadata: dict  # the "__metadata__" strings, e.g. {"format": "pt"}
+    data_start: int  # 8 + header length: where the first tensor's bytes begin
+    tensors: dict = field(default_factory=dict)  # name -> TensorInfo, in file order
+
+
+def nbytes_of(dtype: torch.dtype, shape) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def read_header(file) -> SafetensorsHeader:
+    """Parse and check a safetensors header against the file's size, so that a truncated
+    or corrupt file is refused here, with its name, before any tensor is read."""
+    file = Path(file)
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{file}: truncated: {size} bytes is too short for a safetensors file")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise ValueError(
+                    f"{file}: corrupt or truncated: the header claims {n} bytes, the file has {size}; "
+                    "not a complete safetensors file"
+                )
+            raw = f.read(n)
+    except OSError as err:
+        raise ValueError(f"{file}: cannot read: {err.strerror or err}") from None
+    try:
+        entries = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file}: corrupt safetensors header (not JSON: {err})") from None
+    if not isinstance(entries, dict):
+        raise ValueError(f"{file}: corrupt safetensors header (not a JSON object)")
+    metadata = entries.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    header = SafetensorsHeader(file, metadata, data_start)
+    for name, entry in sorted(entries.items(), key=lambda item: _begin(item[1])):
+        header.tensors[name] = _tensor_info(file, name, entry, data_start)
+    _check_contiguous(header, data_start, size)
+    return header
+
+
+def _begin(entry) -> tuple:
+    try:
+        return int(entry["data_offsets"][0]), int(entry["data_offsets"][1])
+    except (TypeError, KeyError, IndexError, ValueError):
+        return -1, -1  # reported by _tensor_info
+
+
+def _tensor_info(file: Path, name: str, entry, data_start: int) -> TensorInfo:
+    try:
+        dtype = DTYPES[entry["dtype"]]
+        shape = tuple(int(d) for d in entry["shape"])
+        begin, end = (int(o) for o in entry["data_offsets"])
+    except (TypeError, KeyError, ValueError):
+        raise ValueError(f"{file}: corrupt safetensors header: tensor {name}: bad entry {entry!r}") from None
+    if any(d < 0 for d in shape) or end - begin != nbytes_of(dtype, shape):
+        raise ValueError(
+            f"{file}: corrupt safetensors header: tensor {name} {list(shape)} {entry['dtype']} "
+            f"does not fit its byte range [{begin}, {end})"
+        )
+    return TensorInfo(dtype, shape, data_start + begin, data_start + end)
+
+
+def _check_contiguous(header: SafetensorsHeader, data_start: int, size: int) -> None:
+    offset = data_start
+    for name, info in header.tensors.items():
+        if info.start != offset:
+            raise ValueError(
+                f"{header.file}: corrupt safetensors header: tensor {name} does not start where the previous one ends"
+            )
+        offset = info.end
+    if offset != size:
+        what = "truncated" if offset > size else "corrupt"
+        raise ValueError(
+            f"{header.file}: {what}: the header describes {offset - data_start} bytes of tensors, "
+            f"the file holds {size - data_start}"
+        )
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_tensor(file, info: TensorInfo) -> torch.Tensor:
+    """A whole tensor, read into fresh memory (no mmap)."""
+    out = torch.empty(info.shape, dtype=info.dtype)
+    with open(file, "rb", buffering=0) as f:
+        _pread_into(f.fileno(), tensor_bytes(out), info.start, file)
+    return out
+
+
+def read_block_(dst: torch.Tensor, fd: int, info: TensorInfo, index: tuple, file) -> None:
+    """Copy the block `index` (one slice per dim) of a tensor stored at `info` into
+    `dst`, reading only the block's bytes: one read per contiguous run."""
+    shape = tuple(s.stop - s.start for s in index)
+    if tuple(dst.shape) != shape:
+        raise ValueError(f"{file}: block {shape} does not fit the destination {tuple(dst.shape)}")
+    direct = dst.dtype == info.dtype and dst.is_contiguous() and dst.device.type == "cpu"
+    buf = dst if direct else torch.empty(shape, dtype=info.dtype)
+    view = tensor_bytes(buf)
+    runs = list(_runs(info, index))
+    if len(runs) > 1 and hasattr(os, "posix_fadvise"):
+        # a column shard is one small read per row: announce them all first, so that storage
+        # with a long round trip (network filesystems) is asked for them together rather
+        # than one by one (on a local SSD it makes no measurable difference)
+        for start, length in runs:
+            os.posix_fadvise(fd, start, length, os.POSIX_FADV_WILLNEED)
+    offset = 0
+    for start, length in runs:
+        _pread_into(fd, view[offset : offset + length], start, file)
+        offset += length
+    if not direct:
+        dst.copy_(buf)
+
+
+def _runs(info: TensorInfo, index: tuple):
+    """(file offset, length) of each contiguous run of a block of a C-order tensor, in
+    order. The block is contiguous from the last dim that is cut onwards."""
+    shape, item = info.shape, info.dtype.itemsize
+    if not shape:
+        yield info.start, item
+        return
+    cut = max((d for d, s in enumerate(index) if (s.start, s.stop) != (0, shape[d])), default=0)
+    strides = [math.prod(shape[d + 1 :]) * item for d in range(len(shape))]
+    length = (index[cut].stop - index[cut].start) * strides[cut]
+    if length == 0:
+        return
+    for outer in itertools.product(*(range(s.start, s.stop) for s in index[:cut])):
+        offset = sum(i * stride for i, stride in zip(outer, strides)) + index[cut].start * strides[cut]
+        yield info.start + offset, length
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The memory of a contiguous CPU tensor as bytes, without a copy (writable)."""
+    if t.numel() == 0:
+        return memoryview(bytearray(0))
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _pread_into(fd: int, view: memoryview, offset: int, file) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise ValueError(f"{file}: truncated: ended at byte {offset + done} while reading a tensor")
+        done += n
+
+
+# ---------------------------------------------------------------- writing
+
+
+def header_bytes(tensors: list, metadata: Optional[dict] = None, size: Optional[int] = None) -> bytes:
+    """The header for (name, dtype, shape) triples written back to back in this order:
+    compact JSON, metadata first, padded with spaces to a multiple of 8, as safetensors
+    itself writes it; or padded to `size` bytes in all (the spec allows any amount of
+    trailing spaces), to keep another file's tensor offsets."""
+    entries = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, dtype, shape in tensors:
+        n = nbytes_of(dtype, shape)
+        entries[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    if size is not None:
+        if 8 + len(text) > size:
+            raise ValueError(f"a header of {8 + len(text)} bytes does not fit in {size}")
+        text += b" " * (size - 8 - len(text))
+    return struct.pack("<Q", len(text)) + text
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file whose tensor list is known up front: the header first,
+    then each tensor's bytes in order, from memory (`write`) or straight from another
+    file (`copy`, kernel-side when the OS allows). Checks every byte count.
+
+        with SafetensorsWriter(file, [(name, dtype, shape), ...], {"format": "pt"}) as w:
+            w.write(name, tensor)  # in the listed order
+    """
+
+    def __init__(self, file, tensors: list, metadata: Optional[dict] = None):
+        self.file = Path(file)
+        self.pending = list(tensors)  # (name, dtype, shape) still to write
+        self.f = open(self.file, "wb", buffering=0)
+        self._write_all(header_bytes(tensors, metadata))
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.f.close()
+
+    def _next(self, name: str) -> int:
+        if not self.pending or self.pending[0][0] != name:
+            expected = self.pending[0][0] if self.pending else "nothing"
+            raise RuntimeError(f"{self.file}: writing {name}, expected {expected}")
+        _, dtype, shape = self.pending.pop(0)
+        return nbytes_of(dtype, shape)
+
+    def write(self, name: str, tensor: torch.Tensor) -> int:
+        n = self._next(name)
+        view = tensor_bytes(tensor.contiguous())
+        if len(view) != n:
+            raise RuntimeError(f"{self.file}: tensor {name} has {len(view)} bytes, its header entry says {n}")
+        self._write_all(view)
+        return n
+
+    def copy(self, name: str, src, start: int, end: int) -> int:
+        n = self._next(name)
+        if end - start != n:
+            raise RuntimeError(f"{self.file}: tensor {name} has {end - start} bytes, its header entry says {n}")
+        with open(src, "rb", buffering=0) as s:
+            _copy_range(s, self.f, start, n, src)
+        return n
+
+    def close(self) -> None:
+        if self.pending:
+            first = self.pending[0][0]
+            raise RuntimeError(f"{self.file}: closed with {len(self.pending)} tensors unwritten, first {first}")
+        self.f.close()
+
+    def _write_all(self, data) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self.f.write(view) :]
+
+
+def copy_file(src, dst) -> None:
+    """A whole-file copy by the kernel: a reflink on copy-on-write filesystems (btrfs, XFS),
+    else the fastest in-kernel copy; plain shutil elsewhere."""
+    import shutil
+
+    with open(src, "rb", buffering=0) as s, open(dst, "wb", buffering=0) as d:
+        try:
+            while os.copy_file_range(s.fileno(), d.fileno(), 1 << 30):
+                pass
+            return
+        except (AttributeError, OSError):
+            d.truncate(0)
+    shutil.copyfile(src, dst)
+
+
+def _copy_range(src, dst, start: int, n: int, src_name) -> None:
+    """n bytes from src at `start` to dst's current position: in the kernel with
+    copy_file_range when possible, else through a reused 16 MB buffer."""
+    done = 0
+    try:
+        while done < n:
+            k = os.copy_file_range(src.fileno(), dst.fileno(), n - done, start + done)
+            if k == 0:
+                raise ValueError(f"{src_name}: truncated: ended at byte {start + done} while copying a tensor")
+            done += k
+        return
+    except (AttributeError, OSError):
+        pass  # no copy_file_range here (other OS, filesystems that refuse it): copy by hand
+    buf = memoryview(bytearray(min(n - done, 16 << 20) or 1))
+    while done < n:
+        k = os.preadv(src.fileno(), [buf[: min(len(buf), n - done)]], start + done)
+        if k == 0:
+            raise ValueError(f"{src_name}: truncated: ended at byte {start + done} while copying a tensor")
+        view = buf[:k]
+        while view:
+            view = view[dst.write(view) :]
+        done += k
+
+
+# ---------------------------------------------------------------- loading
 
 
 def weight_map(path) -> dict:
@@ -49,9 +384,9 @@ def weight_map(path) -> dict:
     if index.is_file():
         try:
             names = json.loads(index.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError) as err:
+            files = {name: path / file for name, file in names.items()}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{index}: unreadable index: {err}") from None
-        files = {name: path / file for name, file in names.items()}
         for file in sorted(set(files.values())):
             if not file.is_file():
                 raise ValueError(f"{index}: names {file.name}, which does not exist")
@@ -59,15 +394,7 @@ def weight_map(path) -> dict:
     single = path / SINGLE_FILE
     if not single.is_file():
         raise ValueError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
-    with _open(single) as f:
-        return {name: single for name in f.keys()}
-
-
-def _open(file: Path):
-    try:
-        return safe_open(str(file), framework="pt")
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{file}: not a readable safetensors file ({err})") from None
+    return {name: single for name in read_header(single).tensors}
 
 
 def expected_tensors(model: Transformer) -> dict:
@@ -75,34 +402,65 @@ def expected_tensors(model: Transformer) -> dict:
     return dict(model.named_parameters())
 
 
-def load_weights_(model: Transformer, path) -> None:
-    """Copy a converted checkpoint into an allocated model, each rank reading its shards only."""
+def expected_shapes(args: ModelArgs) -> dict:
+    """Checkpoint name -> global shape, in the model's order; nothing is allocated."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return {name: tuple(p.shape) for name, p in expected_tensors(model).items()}
+
+
+def _locate(model: Transformer, path) -> dict:
+    """name -> (file, TensorInfo) for every parameter, checked against the headers (names
+    and shapes) before anything large is allocated."""
     files = weight_map(path)
     params = expected_tensors(model)
     missing = sorted(set(params) - set(files))
     if missing:
         raise ValueError(f"{path}: tensor {missing[0]} missing from the checkpoint ({len(missing)} missing)")
-    handles = {}
+    headers = {file: read_header(file) for file in sorted(set(files[name] for name in params))}
+    located = {}
+    for name, param in params.items():
+        file = files[name]
+        info = headers[file].tensors.get(name)
+        if info is None:
+            raise ValueError(f"{file}: tensor {name} missing (the index says it is in this file)")
+        if info.shape != tuple(param.shape):
+            raise ValueError(
+                f"{file}: tensor {name} has shape {list(info.shape)}, the config wants {list(param.shape)}; "
+                "does model_args.json belong to these weights?"
+            )
+        located[name] = (file, info)
+    return located
+
+
+def verify_checkpoint(path) -> ModelArgs:
+    """Check a converted checkpoint without loading it: model_args.json reads, and every
+    tensor the model needs is where the index says, with the right shape."""
+    args = read_model_args(path)
+    with torch.device("meta"):
+        model = Transformer(args)
+    _locate(model, path)
+    return args
+
+
+def load_weights_(model: Transformer, path, located: Optional[dict] = None) -> None:
+    """Copy a converted checkpoint into an allocated model, each rank reading the bytes of
+    its own shards only."""
+    located = located or _locate(model, path)
+    params = expected_tensors(model)
+    fds = {}
     try:
         with torch.no_grad():
             for name, param in params.items():
-                file = files[name]
-                if file not in handles:
-                    handles[file] = _open(file).__enter__()
-                try:
-                    source = handles[file].get_slice(name)
-                    shape = tuple(source.get_shape())
-                except SafetensorError as err:
-                    raise ValueError(f"{file}: tensor {name}: {err}") from None
-                if shape != tuple(param.shape):
-                    raise ValueError(
-                        f"{file}: tensor {name} has shape {list(shape)}, the config wants {list(param.shape)}; "
-                        "does model_args.json belong to these weights?"
-                    )
-                local_tensor(param).copy_(source[local_slices(param)])
+                file, info = located[name]
+                if file not in fds:
+                    fds[file] = os.open(file, os.O_RDONLY)
+                    if hasattr(os, "posix_fadvise"):  # reads are strided: no read-ahead of other ranks' bytes
+                        os.posix_fadvise(fds[file], 0, 0, os.POSIX_FADV_RANDOM)
+                read_block_(local_tensor(param), fds[file], info, local_slices(param), file)
     finally:
-        for handle in handles.values():
-            handle.__exit__(None, None, None)
+        for fd in fds.values():
+            os.close(fd)
 
 
 def load_model(
@@ -120,24 +478,26 @@ def load_model(
             device = torch.device("cuda", torch.cuda.current_device())
     with torch.device("meta"):
         model = Transformer(args, tp_mesh, sequence_parallel=sequence_parallel)
+    located = _locate(model, path)
     model.to(dtype=dtype)
     model.to_empty(device=device)
-    load_weights_(model, path)
+    if args.tie_word_embeddings:  # to_empty gives each module a new Parameter: tie them again
+        model.output.weight = model.tok_embeddings.weight
+    load_weights_(model, path, located)
     return model
 
 
 def save_checkpoint(state_dict: dict, args: ModelArgs, out_dir) -> Path:
     """Write a small, fully materialised state dict (Meta names and layout) in the project's
     format. Large checkpoints are streamed by convert_weights.py instead."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in state_dict.items() if not (args.tie_word_embeddings and k == "output.weight")}
-    save_file(tensors, str(out / SINGLE_FILE))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    if args.tie_word_embeddings:
+        tensors.pop("output.weight", None)
+    specs = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    with SafetensorsWriter(out / SINGLE_FILE, specs, {"format": "pt"}) as writer:
+        for name, t in tensors.items():
+            writer.write(name, t)
     write_model_args(args, out)
     return out
-
-
-def write_model_args(args: ModelArgs, out_dir) -> None:
-    (Path(out_dir) / ARGS_FILE).write_text(json.dumps({"format": FORMAT, "model_args": args.to_dict()}, indent=2) + "\n")

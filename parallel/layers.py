@@ -340,7 +340,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         n_local = logits.shape[-1]
         vocab_start = tp_rank(mesh) * n_local
         x = logits.float()
-        local_lse = torch.logsumexp(x, dim=-1)
+        local_max = x.amax(dim=-1)
+        # exp(x - local max) is kept for backward: one multiply there instead of exp again
+        exps = (x - local_max.unsqueeze(-1)).exp_()
+        local_lse = local_max + exps.sum(-1).log()
         ids = targets - vocab_start
         owned = (ids >= 0) & (ids < n_local)
         ids = ids.clamp(0, n_local - 1)
@@ -352,16 +355,18 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         valid = targets != ignore_index
         losses = (lse - stats[:, 1].sum(0)) * valid
         divisor = valid.sum().clamp(min=1).to(x.dtype) if reduction == "mean" else torch.ones((), dtype=x.dtype)
-        ctx.save_for_backward(logits, lse, ids, owned & valid, valid, divisor)
+        ctx.logits_dtype = logits.dtype
+        ctx.save_for_backward(exps, local_max - lse, ids, owned & valid, valid, divisor)
         return losses.sum() / divisor
 
     @staticmethod
     def backward(ctx, grad):
-        logits, lse, ids, owned, valid, divisor = ctx.saved_tensors
-        probs = torch.exp(logits.float() - lse.unsqueeze(-1))
-        probs.scatter_add_(-1, ids.unsqueeze(-1), -owned.to(probs.dtype).unsqueeze(-1))
-        probs.mul_((valid.to(probs.dtype) * (grad / divisor)).unsqueeze(-1))
-        return probs.to(logits.dtype), None, None, None, None
+        exps, log_rescale, ids, owned, valid, divisor = ctx.saved_tensors
+        # softmax over the whole vocabulary, this rank's slice: exp(x - max) * exp(max - lse)
+        per_token = valid.to(exps.dtype) * (grad / divisor)
+        probs = exps * (log_rescale.exp() * per_token).unsqueeze(-1)
+        probs.scatter_add_(-1, ids.unsqueeze(-1), -(owned.to(probs.dtype) * per_token).unsqueeze(-1))
+        return probs.to(ctx.logits_dtype), None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean"):
