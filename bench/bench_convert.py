@@ -34,8 +34,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from convert_weights import hf_config_from_args, to_hf_name  # noqa: E402
+from convert_weights import hf_config_from_args  # noqa: E402
 from llama import ModelArgs  # noqa: E402
+from llama.sources import to_hf_name  # noqa: E402
 from llama.weights import SafetensorsWriter, expected_shapes, nbytes_of  # noqa: E402
 from parallel.spawn import run_on_ranks  # noqa: E402
 

@@ -480,9 +480,7 @@ def load_model(
         model = Transformer(args, tp_mesh, sequence_parallel=sequence_parallel)
     located = _locate(model, path)
     model.to(dtype=dtype)
-    model.to_empty(device=device)
-    if args.tie_word_embeddings:  # to_empty gives each module a new Parameter: tie them again
-        model.output.weight = model.tok_embeddings.weight
+    model.to_empty(device=device)  # Transformer keeps a tied output tied through this
     load_weights_(model, path, located)
     return model
 

@@ -25,6 +25,7 @@ from parallel.mesh import build_mesh, dp_mesh, dp_rank
 from parallel.plan import CommCounter, StepConfig, plan
 from parallel.spawn import run_on_ranks
 from parallel.train_utils import clip_grad_norm_, global_token_count, sum_over_dp, token_loss
+from tests.test_mesh import one_line_error
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, max_seq_len=32)
 SEQ, BATCH, ACCUM, STEPS = 16, 4, 2, 3  # global batch: 4 sequences x 2 micro-steps; 3 steps
@@ -350,19 +351,10 @@ def test_planner_matches_what_a_real_run_holds_and_sends(launch, run):
 # ---------------------------------------------------------------- bad input
 
 
-def _one_line_error(fn, *fragments):
-    with pytest.raises(ValueError) as error:
-        fn()
-    message = str(error.value)
-    assert "\n" not in message, message
-    for fragment in fragments:
-        assert fragment in message, message
-
-
 def test_bad_strategy_and_options_get_one_clear_line():
-    _one_line_error(lambda: get_strategy("zero3"), "unknown --strategy 'zero3'", "full, grad_op, hybrid, hybrid_zero2")
-    _one_line_error(lambda: mixed_precision_policy("fp16"), "--mixed-precision 'fp16'", "bf16")
-    _one_line_error(lambda: check_activation_checkpointing("some"), "--activation-checkpointing 'some'", "selective")
+    one_line_error(lambda: get_strategy("zero3"), "unknown --strategy 'zero3'", "full, grad_op, hybrid, hybrid_zero2")
+    one_line_error(lambda: mixed_precision_policy("fp16"), "--mixed-precision 'fp16'", "bf16")
+    one_line_error(lambda: check_activation_checkpointing("some"), "--activation-checkpointing 'some'", "selective")
 
 
 def test_hybrid_strategy_on_a_2d_mesh_names_the_flag():
@@ -371,6 +363,6 @@ def test_hybrid_strategy_on_a_2d_mesh_names_the_flag():
     class Mesh2D:
         mesh_dim_names = ("dp", "tp")
 
-    _one_line_error(
+    one_line_error(
         lambda: build_parallel_model(ARGS, Mesh2D(), strategy="hybrid"), "--strategy hybrid", "--dp-replicate"
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama import ModelArgs, Transformer
+from llama import ModelArgs, Transformer, load_model
 from llama.weights import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +70,16 @@ def test_2x2_run_from_a_converted_checkpoint_lowers_the_loss(converted, data, tm
     for key in ("lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "mfu", "memory_gb"):
         assert rows[-1][key] > 0
     assert [p.name for p in sorted(tmp_path.glob("step_*"))] == ["step_00000010", "step_00000012"]  # --keep 2
+
+    # a training checkpoint exports: to our format (same weights) and to Hugging Face's
+    convert = [sys.executable, str(ROOT / "convert_weights.py"), "--quiet"]
+    for flags in ([tmp_path / "step_00000012", tmp_path / "ours"], ["--to-hf", tmp_path / "step_00000012", tmp_path / "hf"]):
+        done = subprocess.run([*convert, *map(str, flags)], capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 0, done.stderr
+    exported = load_model(tmp_path / "ours").state_dict()
+    trained = final_weights(tmp_path)
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+    assert (tmp_path / "hf" / "config.json").is_file()
 
 
 def test_resume_on_the_same_mesh_continues_bit_for_bit(converted, data, tmp_path):
