@@ -301,7 +301,7 @@ def train(opts) -> dict:
         window_steps += 1
         _fault_injection("step", step, rank)
 
-        if step % opts.log_every == 0 or step == last_step:
+        if step % opts.log_every == 0 or step in (1, last_step):  # step 1 shows the starting loss
             dp_loss = loss_sum.clone()
             dist.all_reduce(dp_loss)  # every tp rank holds the same value: divide them out
             loss_value = dp_loss.item() / mesh["tp"].size()
