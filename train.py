@@ -320,13 +320,25 @@ def train(opts) -> dict:
             }
             if rank == 0:
                 line = log_line(last)
-                print(("\r" + line) if show_bar else line, flush=True)
+                print(f"\r{line:<{_BAR_WIDTH}}" if show_bar else line, flush=True)
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(last) + "\n")
             window_start, window_steps = time.perf_counter(), 0
+        if show_bar:
+            print(f"\r{_progress_bar(step, last_step):<{_BAR_WIDTH}}", end="", flush=True)
         if (opts.save_every and step % opts.save_every == 0) or step == last_step:
             save_checkpoint(save_dir, step, model, optimizer, loader, opts, rank)
+    if show_bar:
+        print(flush=True)
     return last
+
+
+_BAR_WIDTH = 100
+
+
+def _progress_bar(step: int, total: int, width: int = 40) -> str:
+    done = width * step // max(total, 1)
+    return f"[{'#' * done}{'.' * (width - done)}] step {step}/{total}"
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
