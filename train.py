@@ -31,7 +31,7 @@ from llama.weights import read_model_args, write_model_args
 from parallel.fsdp import STRATEGIES, build_parallel_model
 from parallel.layers import reduce_partial_gradients, vocab_parallel_cross_entropy
 from parallel.mesh import build_mesh, default_tp, device_type, dp_rank, dp_size, init_distributed
-from parallel.train_utils import clip_grad_norm_
+from parallel.train_utils import clip_grad_norm_, sum_over_dp
 
 CHECKPOINT_PREFIX = "step_"
 # dense peak TFLOP/s per device, for MFU; CPUs are measured at start-up instead
@@ -302,9 +302,7 @@ def train(opts) -> dict:
         _fault_injection("step", step, rank)
 
         if step % opts.log_every == 0 or step in (1, last_step):  # step 1 shows the starting loss
-            dp_loss = loss_sum.clone()
-            dist.all_reduce(dp_loss)  # every tp rank holds the same value: divide them out
-            loss_value = dp_loss.item() / mesh["tp"].size()
+            loss_value = sum_over_dp(loss_sum.item(), mesh)  # the shares add up to the step's mean
             elapsed = time.perf_counter() - window_start
             tokens_per_s = tokens_per_step * window_steps / elapsed
             last = {

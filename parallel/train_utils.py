@@ -26,12 +26,7 @@ def global_token_count(
     if isinstance(targets, torch.Tensor):
         targets = [targets]
     count = sum(int((t != ignore_index).sum()) for t in targets)
-    if mesh is None or dp_mesh(mesh).size() == 1:
-        return count
-    group = dp_mesh(mesh)
-    total = torch.tensor([count], dtype=torch.int64, device=group.device_type)
-    dist.all_reduce(total, group=group.get_group())
-    return int(total.item())
+    return int(sum_over_dp(count, mesh))  # float64 holds token counts exactly
 
 
 def token_loss(logits, targets: torch.Tensor, global_tokens: int, ignore_index: int = -100) -> torch.Tensor:
