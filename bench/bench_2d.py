@@ -10,6 +10,11 @@ GPU cluster does. One process per rank, one thread each."""
 import argparse
 import time
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
 import torch.distributed as dist
 

@@ -21,6 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
