@@ -30,6 +30,7 @@ import binascii
 import hashlib
 import os
 import re
+from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import AbstractSet, Iterable, Literal, Sequence, Union
@@ -112,7 +113,7 @@ class TokenizerFileError(ValueError):
 # The common interface
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """What every tokenizer offers. Subclasses set the attributes in __init__."""
 
     kind: str  # "tiktoken", "sentencepiece" or "bytes"
@@ -124,12 +125,12 @@ class Tokenizer:
     stop_tokens: list[int]  # generation stops at any of these
     fingerprint: str  # sha256 hex; changes whenever the ids could change
 
+    @abstractmethod
     def encode(self, text: str, bos: bool = False, eos: bool = False, *,
-               allowed_special: AllowedSpecial = frozenset()) -> list[int]:
-        raise NotImplementedError
+               allowed_special: AllowedSpecial = frozenset()) -> list[int]: ...
 
-    def decode(self, ids: Sequence[int]) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str: ...
 
     def encode_batch(self, texts: Sequence[str], *, bos: bool = False, eos: bool = False,
                      num_threads: int | None = None) -> list[np.ndarray]:
