@@ -30,7 +30,7 @@ from llama.tokenizer import load_tokenizer
 from llama.weights import read_model_args, write_model_args
 from parallel.fsdp import STRATEGIES, build_parallel_model
 from parallel.layers import reduce_partial_gradients, vocab_parallel_cross_entropy
-from parallel.mesh import build_mesh, default_tp, device_type, dp_rank, dp_size, init_distributed
+from parallel.mesh import build_mesh, default_tp, device_type, dp_rank, dp_size, init_distributed, local_device
 from parallel.train_utils import clip_grad_norm_, sum_over_dp
 
 CHECKPOINT_PREFIX = "step_"
@@ -218,7 +218,7 @@ def log_line(record: dict) -> str:
 def train(opts) -> dict:
     mesh = make_mesh(opts)
     rank = dist.get_rank()
-    device = torch.device(device_type(), torch.cuda.current_device()) if device_type() == "cuda" else torch.device("cpu")
+    device = local_device()
     torch.manual_seed(opts.seed)
     save_dir = Path(opts.save_dir)
 

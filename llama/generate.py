@@ -235,20 +235,16 @@ def setup_tp(tp: Optional[int]):
 
 
 def build_model(args: argparse.Namespace, tp_mesh) -> Transformer:
-    from parallel.mesh import device_type
+    from parallel.mesh import local_device
 
     dtype = DTYPES[args.dtype]
-    device = torch.device(device_type())
-    if device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
     if args.checkpoint:
         from .weights import load_model
 
-        return load_model(args.checkpoint, tp_mesh, dtype, device=device)
-    # one device: build in place, as to_empty from meta would untie a tied output weight
-    with torch.device("meta" if tp_mesh is not None else device):
+        return load_model(args.checkpoint, tp_mesh, dtype, device=local_device())
+    with torch.device("meta"):
         model = Transformer(ModelArgs.from_preset(args.preset), tp_mesh)
-    return model.to(dtype=dtype).init_weights(seed=args.seed, device=device if tp_mesh is not None else None)
+    return model.to(dtype=dtype).init_weights(seed=args.seed, device=local_device())
 
 
 def encode_prompt(tokenizer, args: argparse.Namespace) -> list[int]:

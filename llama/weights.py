@@ -32,6 +32,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from parallel.layers import local_slices, local_tensor
+from parallel.mesh import local_device
 
 from .config import ModelArgs
 from .model import Transformer
@@ -473,9 +474,7 @@ def load_model(
     """The model of a converted checkpoint, with this rank's shards read from disk."""
     args = read_model_args(path)
     if device is None:
-        device = tp_mesh.device_type if tp_mesh is not None else "cpu"
-        if device == "cuda":
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = local_device(tp_mesh.device_type if tp_mesh is not None else "cpu")
     with torch.device("meta"):
         model = Transformer(args, tp_mesh, sequence_parallel=sequence_parallel)
     located = _locate(model, path)

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from llama.config import ModelArgs
 from llama.model import Transformer
 
-from .mesh import dp_mesh, is_hybrid, tp_mesh
+from .mesh import dp_mesh, is_hybrid, local_device, tp_mesh
 from .train_utils import clip_grad_norm_
 
 __all__ = ["STRATEGIES", "Strategy", "build_parallel_model", "clip_grad_norm_", "fsdp_groups", "get_strategy"]
@@ -170,9 +170,7 @@ def apply_fsdp(
 
 
 def _materialize_device(mesh: DeviceMesh, cpu_offload: bool) -> torch.device:
-    if cpu_offload or mesh.device_type == "cpu":
-        return torch.device("cpu")
-    return torch.device(mesh.device_type, torch.cuda.current_device() if mesh.device_type == "cuda" else 0)
+    return torch.device("cpu") if cpu_offload else local_device(mesh.device_type)
 
 
 def build_parallel_model(

@@ -19,6 +19,12 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def local_device(device_type_: Optional[str] = None) -> torch.device:
+    """This rank's device: the current CUDA device (set from LOCAL_RANK), or the CPU."""
+    kind = device_type_ or device_type()
+    return torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device(kind)
+
+
 def init_distributed() -> None:
     """Join torchrun's process group: NCCL on GPUs, gloo on CPU."""
     if dist.is_initialized():

@@ -14,7 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from .layers import vocab_parallel_cross_entropy
-from .mesh import dp_mesh
+from .mesh import dp_mesh, local_device
 
 
 def global_token_count(
@@ -70,12 +70,6 @@ def _gradients(parameters) -> list:
     return grads
 
 
-def _mesh_device(mesh: DeviceMesh) -> torch.device:
-    if mesh.device_type == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(mesh.device_type)
-
-
 def _norm_of(grads: list) -> torch.Tensor:
     # Each rank sums the squares of its local shards, dividing replicated ones by their
     # replica count so that the sum over all ranks counts each element once; one
@@ -91,7 +85,7 @@ def _norm_of(grads: list) -> torch.Tensor:
         else:
             by_replicas.setdefault(1, []).append(grad)
     # the sum lives where the collective can run (a GPU for NCCL, even with CPU offload)
-    device = grads[0].device if mesh is None else _mesh_device(mesh)
+    device = grads[0].device if mesh is None else local_device(mesh.device_type)
     square_sum = torch.zeros((), dtype=torch.float64, device=device)
     for replicas, tensors in by_replicas.items():
         norms = torch._foreach_norm(tensors)
