@@ -29,7 +29,7 @@ from llama.data import DistributedDataLoader, PackedDataset, default_corpus_path
 from llama.tokenizer import load_tokenizer
 from llama.weights import read_model_args, write_model_args
 from parallel.fsdp import STRATEGIES, build_parallel_model
-from parallel.layers import reduce_partial_gradients, vocab_parallel_cross_entropy
+from parallel.layers import vocab_parallel_cross_entropy
 from parallel.mesh import build_mesh, default_tp, device_type, dp_rank, dp_size, init_distributed, local_device
 from parallel.train_utils import clip_grad_norm_, sum_over_dp
 
@@ -293,7 +293,6 @@ def train(opts) -> dict:
             loss = vocab_parallel_cross_entropy(logits, targets, reduction="sum") / tokens_per_step
             loss.backward()
             loss_sum += loss.detach()
-        reduce_partial_gradients(model)  # no-op under FSDP2, which sums tp-partial gradients itself
         grad_norm = clip_grad_norm_(model, opts.clip if opts.clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
