@@ -36,6 +36,7 @@ from parallel.layers import (
 from torch.distributed.tensor import Replicate
 
 from .config import ModelArgs
+from .masks import DocumentMask, check_document_ids, document_mask, document_positions, masked_attention
 from .rope import apply_rope, rope_table
 
 
@@ -94,7 +95,10 @@ class Attention(nn.Module):
         self.wv = ColumnParallelLinear(args.dim, kv_dim, tp_mesh, replicated_rows=kv_rows)
         self.wo = RowParallelLinear(args.n_heads * args.head_dim, args.dim, tp_mesh, sequence_parallel)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0, kv_cache=None):
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0, kv_cache=None,
+        mask: Optional[DocumentMask] = None,
+    ):
         x = self.enter(x)
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.layout.n_local_heads, self.head_dim)
@@ -102,7 +106,7 @@ class Attention(nn.Module):
         xv = self.wv(x).view(bsz, seqlen, self.layout.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rope(xq, cos, sin), apply_rope(xk, cos, sin)
 
-        causal, mask = True, None
+        causal, cache_mask = True, None
         if kv_cache is not None:
             cache_k, cache_v = kv_cache
             end = start_pos + seqlen
@@ -110,15 +114,19 @@ class Attention(nn.Module):
             cache_v[:bsz, start_pos:end] = xv
             xk, xv = cache_k[:bsz, :end], cache_v[:bsz, :end]
             if start_pos > 0:
-                mask = offset_causal_mask(seqlen, start_pos, x.device)
+                cache_mask = offset_causal_mask(seqlen, start_pos, x.device)
                 causal = False
 
         q, k, v = (t.transpose(1, 2) for t in (xq, xk, xv))  # (bsz, heads, seqlen, head_dim)
-        if self.layout.uniform_groups:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
-        else:
+        if not self.layout.uniform_groups:
             index = torch.tensor(self.layout.kv_for_head, device=k.device)
-            out = F.scaled_dot_product_attention(q, k[:, index], v[:, index], attn_mask=mask, is_causal=causal)
+            k, v = k[:, index], v[:, index]
+        if mask is not None:
+            out = masked_attention(q, k, v, mask, enable_gqa=self.layout.uniform_groups)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=cache_mask, is_causal=causal, enable_gqa=self.layout.uniform_groups
+            )
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -145,8 +153,11 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps, tp_mesh, sequence_parallel)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, tp_mesh, sequence_parallel)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0, kv_cache=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, kv_cache)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0, kv_cache=None,
+        mask: Optional[DocumentMask] = None,
+    ):
+        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, kv_cache, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -155,6 +166,9 @@ class Transformer(nn.Module):
     vocab-sharded DTensor with one (`.full_tensor()` gathers it).
     `model(tokens, start_pos, cache)` runs positions start_pos.. against a KVCache that
     already holds 0..start_pos - 1, and adds theirs to it (inference).
+    `model(tokens, document_ids=ids)` runs packed documents (llama/masks.py): each token
+    attends only within its document, and RoPE positions restart at each document.
+    `attention_kernel` picks that mask's kernel ("sdpa" or "flex"); None chooses by device.
 
     Build on the meta device and call `init_weights()` (or `llama.load_model`) to
     allocate only this rank's shards."""
@@ -176,23 +190,46 @@ class Transformer(nn.Module):
         tied = self.tok_embeddings.weight if args.tie_word_embeddings else None
         self.output = VocabParallelOutput(args.dim, args.vocab_size, tp_mesh, self.sequence_parallel, weight=tied)
         self._rope = None  # (cos, sin), built on first use on the tokens' device
+        self.attention_kernel: Optional[str] = None
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int = 0,
+        cache: Optional[KVCache] = None,
+        *,
+        document_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         self.check_tokens(tokens)
         if cache is not None or start_pos:
             self.check_cache(cache, tokens, start_pos)
-        seqlen = tokens.shape[1]
-        cos, sin = self.rope(seqlen, tokens.device, start_pos)
+        mask = None
+        if document_ids is None:
+            cos, sin = self.rope(tokens.shape[1], tokens.device, start_pos)
+        else:
+            if cache is not None or start_pos:
+                raise ValueError("document_ids are for training on packed rows; KV-cache decoding runs one document")
+            check_document_ids(document_ids, tokens)
+            cos, sin = self.rope_at(document_positions(document_ids))
+            mask = document_mask(document_ids, self.attention_kernel)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, start_pos, None if cache is None else (cache.k[i], cache.v[i]))
+            h = layer(h, cos, sin, start_pos, None if cache is None else (cache.k[i], cache.v[i]), mask)
         return self.output(self.norm(h))
 
-    def rope(self, seqlen: int, device, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_table(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].device != torch.device(device):
             self._rope = rope_table(self.args, self.args.max_seq_len, device)
-        cos, sin = self._rope
+        return self._rope
+
+    def rope(self, seqlen: int, device, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.rope_table(device)
         return cos[start_pos : start_pos + seqlen], sin[start_pos : start_pos + seqlen]
+
+    def rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) rows for a (batch, seq) tensor of positions: (batch, seq, head_dim / 2)."""
+        cos, sin = self.rope_table(positions.device)
+        return cos[positions], sin[positions]
 
     def new_kv_cache(self, batch_size: int, max_seq_len: Optional[int] = None) -> KVCache:
         """An empty cache for this rank's kv heads, in the model's dtype and on its device."""

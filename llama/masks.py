@@ -1,0 +1,103 @@
+"""Document masks: several documents packed in one row attend only within themselves.
+
+`document_ids` is a (batch, seq) integer tensor, non-decreasing along each row; equal ids
+form one document. A token attends to the earlier tokens of its own document only, and
+its RoPE position counts from its document's first token:
+
+    tokens        A0 A1 A2 B0 B1 C0 C1 C2
+    document_ids   0  0  0  1  1  2  2  2
+    positions      0  1  2  0  1  0  1  2
+
+One mask, two kernels, chosen by device:
+  "sdpa"  a dense (batch, 1, seq, seq) boolean block-causal mask for
+          F.scaled_dot_product_attention: the CPU path, and the reference.
+  "flex"  flex attention with a block mask, which never builds a (seq x seq) mask and
+          skips the blocks no query of a document can see: the CUDA path. On CPU flex
+          attention runs forward only (inference, and the tests that compare kernels).
+"""
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+KERNELS = ("sdpa", "flex")
+
+
+def default_kernel(device: torch.device) -> str:
+    return "flex" if torch.device(device).type == "cuda" else "sdpa"
+
+
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) int64: each token's offset from its document's first token."""
+    seq = document_ids.shape[1]
+    index = torch.arange(seq, device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first_of_document = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - first_of_document
+
+
+@dataclass
+class DocumentMask:
+    """What attention needs to stay inside documents: the dense mask or the block mask."""
+
+    kernel: str
+    dense: Optional[torch.Tensor] = None  # (batch, 1, seq, seq) bool, for "sdpa"
+    block: Any = None  # flex attention's BlockMask, for "flex"
+
+
+def document_mask(document_ids: torch.Tensor, kernel: Optional[str] = None) -> DocumentMask:
+    """Built once per forward and shared by every layer."""
+    kernel = kernel or default_kernel(document_ids.device)
+    if kernel not in KERNELS:
+        raise ValueError(f"attention kernel {kernel!r} is not one of {KERNELS}")
+    if kernel == "sdpa":
+        seq = document_ids.shape[1]
+        same_document = document_ids[:, :, None] == document_ids[:, None, :]
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+        return DocumentMask(kernel, dense=(same_document & causal).unsqueeze(1))
+
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (document_ids[b, q_idx] == document_ids[b, kv_idx]) & (q_idx >= kv_idx)
+
+    batch, seq = document_ids.shape
+    block = create_block_mask(same_document_causal, B=batch, H=None, Q_LEN=seq, KV_LEN=seq, device=document_ids.device)
+    return DocumentMask(kernel, block=block)
+
+
+_compiled_flex = None
+
+
+def _flex_attention():
+    # flex attention is fast only compiled; on CPU the eager form is the (forward-only) reference
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not torch.cuda.is_available():
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def masked_attention(q, k, v, mask: DocumentMask, enable_gqa: bool) -> torch.Tensor:
+    """q: (batch, heads, seq, head_dim); k, v: (batch, kv_heads, seq, head_dim)."""
+    if mask.kernel == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=enable_gqa)
+    return _flex_attention()(q, k, v, block_mask=mask.block, enable_gqa=enable_gqa)
+
+
+def check_document_ids(document_ids: torch.Tensor, tokens: torch.Tensor) -> None:
+    if document_ids.shape != tokens.shape or document_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"document_ids must be an integer tensor shaped like tokens {tuple(tokens.shape)}, "
+            f"got {tuple(document_ids.shape)} {document_ids.dtype}"
+        )
+    # on an accelerator this would stall the host every step; the data pipeline checks there
+    if document_ids.device.type == "cpu" and document_ids.shape[1] > 1:
+        if bool((document_ids[:, 1:] < document_ids[:, :-1]).any()):
+            raise ValueError("document_ids must be non-decreasing along each row (equal ids form one document)")
