@@ -19,66 +19,87 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from llama.config import PRESETS, ModelArgs
-from llama.data import DistributedDataLoader, PackedDataset, default_corpus_paths, load_token_cache
+from llama.chat import DATA_FORMATS, TRAIN_ON, ChatDataset, is_chat_data, load_conversation_cache
+from llama.data import (
+    Batch, DistributedDataLoader, PackedDataset, default_corpus_paths, eval_batches, load_token_cache, split_documents)
 from llama.tokenizer import load_tokenizer
 from llama.weights import read_model_args, write_model_args
+from parallel.devices import peak_tflops, warn_unknown_device
 from parallel.fsdp import STRATEGIES, build_parallel_model
 from parallel.layers import vocab_parallel_cross_entropy
-from parallel.mesh import build_mesh, default_tp, device_type, dp_rank, dp_size, init_distributed, local_device
+from parallel.mesh import (
+    build_mesh, dp_mesh, dp_rank, dp_size, gpus_per_node, init_distributed, local_device, warn_if_tp_crosses_nodes)
 from parallel.train_utils import clip_grad_norm_, sum_over_dp
 
 CHECKPOINT_PREFIX = "step_"
-# dense peak TFLOP/s per device, for MFU; CPUs are measured at start-up instead
-PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 67.0}, "A100": {"bf16": 312.0, "fp32": 19.5}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument_group("model")
-    a.add_argument("--checkpoint", help="converted checkpoint directory (convert_weights.py) to start from")
-    a.add_argument("--preset", default="debug", help=f"random-init model when no --checkpoint: {', '.join(PRESETS)}")
+    a.add_argument("--checkpoint", help="converted checkpoint directory (convert_weights.py) to start from (default: random init)")
+    a.add_argument("--preset", default="debug", help=f"random-init model when no --checkpoint: {', '.join(PRESETS)} (default: %(default)s)")
     a = p.add_argument_group("data")
     a.add_argument("--data", nargs="*", help="text / .jsonl files or directories (default: Python's stdlib sources)")
-    a.add_argument("--tokenizer", default="bytes", help="tokenizer.model (Llama 3 or 2) or 'bytes' (default)")
-    a.add_argument("--cache-dir", help="token cache directory (default: next to the data)")
+    a.add_argument("--data-format", default="auto", choices=DATA_FORMATS,
+                   help=".jsonl format: chat messages, alpaca, prompt-completion or text (default: detected per file)")
+    a.add_argument("--train-on", default="assistant", choices=TRAIN_ON,
+                   help="chat data: which tokens the loss applies to (default: %(default)s: every assistant turn)")
+    a.add_argument("--skip-bad-lines", action="store_true", help="count and report bad .jsonl lines instead of stopping (default: stop)")
+    a.add_argument("--document-masking", action=argparse.BooleanOptionalAction, default=True,
+                   help="text data: attend only within each document, RoPE positions restart per document "
+                        "(default: on; chat data is always masked per conversation)")
+    a.add_argument("--tokenizer", default="bytes", help="tokenizer.model (Llama 3 or 2) or 'bytes' (default: %(default)s)")
+    a.add_argument("--cache-dir", help="token cache directory (default: .token_cache next to the data)")
+    a = p.add_argument_group("validation")
+    a.add_argument("--val-data", nargs="*", help="held-out files or directories, read like --data (default: none)")
+    a.add_argument("--val-fraction", type=float, help="hold out this fraction of the --data documents, chosen by --seed (default: none)")
+    a.add_argument("--eval-every", type=int, default=50, help="steps between validation losses; also before step 1 and at the end (default: %(default)s)")
+    a.add_argument("--eval-batches", type=int, default=4, help="global batches in the fixed validation set (default: %(default)s)")
     a = p.add_argument_group("parallelism")
     a.add_argument("--tp", type=int, help="tensor-parallel size (default: GPUs per node; on CPU 2 if it divides the world)")
-    a.add_argument("--strategy", default="full", choices=STRATEGIES, help="FSDP sharding strategy across dp")
-    a.add_argument("--dp-replicate", type=int, default=1, help="hybrid strategies: number of replica groups")
-    a.add_argument("--sequence-parallel", action="store_true", help="split activations along the sequence between blocks")
-    a.add_argument("--activation-checkpointing", default="none", choices=("none", "full", "selective"))
-    a.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
-    a.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: bf16 compute, fp32 master weights and reduce")
+    a.add_argument("--strategy", default="full", choices=STRATEGIES, help="FSDP sharding strategy across dp (default: %(default)s)")
+    a.add_argument("--dp-replicate", type=int, default=1, help="hybrid strategies: number of replica groups (default: %(default)s)")
+    a.add_argument("--sequence-parallel", action="store_true", help="split activations along the sequence between blocks (default: off)")
+    a.add_argument("--activation-checkpointing", default="none", choices=("none", "full", "selective"),
+                   help="recompute activations in backward: every block, or every other one (default: %(default)s)")
+    a.add_argument("--compile", action="store_true", help="torch.compile each transformer block (default: off)")
+    a.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: bf16 compute, fp32 master weights and reduce (default: %(default)s)")
     a = p.add_argument_group("batch")
-    a.add_argument("--seq-len", type=int, default=256)
-    a.add_argument("--micro-batch", type=int, default=4, help="sequences per dp rank per micro-step")
-    a.add_argument("--global-batch", type=int, help="sequences per optimizer step; overrides --micro-batch")
-    a.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    a.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: %(default)s)")
+    a.add_argument("--micro-batch", type=int, default=4, help="sequences per dp rank per micro-step (default: %(default)s)")
+    a.add_argument("--global-batch", type=int, help="sequences per optimizer step; overrides --micro-batch (default: micro-batch x dp x grad-accum)")
+    a.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default: %(default)s)")
     a = p.add_argument_group("optimisation")
-    a.add_argument("--steps", type=int, default=150, help="optimizer steps of the whole run (sets the schedule)")
-    a.add_argument("--stop-after", type=int, help="end this job after so many steps, with a checkpoint (time-sliced jobs)")
-    a.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    a.add_argument("--min-lr-ratio", type=float, default=0.1, help="floor of the decay, as a fraction of --lr")
-    a.add_argument("--warmup", type=int, default=10, help="linear warm-up steps")
-    a.add_argument("--decay", default="cosine", choices=("cosine", "linear", "constant"))
-    a.add_argument("--weight-decay", type=float, default=0.1)
-    a.add_argument("--decay-norms-and-embeddings", action="store_true", help="apply weight decay to them too")
-    a.add_argument("--clip", type=float, default=1.0, help="max global grad norm (0: off)")
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--steps", type=int, default=150, help="optimizer steps of the whole run, which set the schedule (default: %(default)s)")
+    a.add_argument("--stop-after", type=int, help="end this job after so many steps, with a checkpoint (default: run to --steps)")
+    a.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
+    a.add_argument("--min-lr-ratio", type=float, default=0.1, help="floor of the decay, as a fraction of --lr (default: %(default)s)")
+    a.add_argument("--warmup", type=int, default=10, help="linear warm-up steps (default: %(default)s)")
+    a.add_argument("--decay", default="cosine", choices=("cosine", "linear", "constant"), help="learning-rate decay after warm-up (default: %(default)s)")
+    a.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: %(default)s)")
+    a.add_argument("--decay-norms-and-embeddings", action="store_true", help="apply weight decay to them too (default: off)")
+    a.add_argument("--clip", type=float, default=1.0, help="max global grad norm, 0 for none (default: %(default)s)")
+    a.add_argument("--seed", type=int, default=0, help="seed of the random init, the data order and the validation split (default: %(default)s)")
     a = p.add_argument_group("checkpoints and logging")
-    a.add_argument("--save-dir", default="runs/default")
-    a.add_argument("--save-every", type=int, default=50, help="steps between checkpoints (0: only at the end)")
-    a.add_argument("--keep", type=int, default=2, help="complete checkpoints to keep")
-    a.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --save-dir")
-    a.add_argument("--log-every", type=int, default=10)
+    a.add_argument("--save-dir", default="runs/default", help="checkpoints and metrics.jsonl (default: %(default)s)")
+    a.add_argument("--save-every", type=int, default=50, help="steps between checkpoints, 0 for only at the end (default: %(default)s)")
+    a.add_argument("--keep", type=int, default=2, help="complete checkpoints to keep (default: %(default)s)")
+    a.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --save-dir (default: off)")
+    a.add_argument("--log-every", type=int, default=10, help="steps between log lines; step 1 and the last step always log (default: %(default)s)")
     a.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: table on GPU, measured on CPU)")
-    return p.parse_args(argv)
+    opts = p.parse_args(argv)
+    if opts.val_data and opts.val_fraction:
+        p.error("--val-data and --val-fraction both choose the validation set; give one")
+    return opts
 
 
 # ---------------------------------------------------------------- learning rate
@@ -172,6 +193,119 @@ def load_checkpoint(path: Path, model, optimizer, loader, rank: int) -> int:
     return trainer["step"]
 
 
+# ---------------------------------------------------------------- one step
+
+
+def train_step(model, optimizer, loader: DistributedDataLoader, device, clip: float):
+    """One optimizer step over the loader's next global batch. Returns this rank's share of
+    the step's mean loss (the shares add up over dp ranks) and the gradient norm."""
+    loss_sum = torch.zeros((), device=device)
+    # the targets that count in this step, over every dp rank and micro-step: each rank's
+    # summed loss over them is its share of the step's mean, whatever the mesh
+    step_targets = max(loader.step_target_tokens(), 1)
+    for _ in range(loader.grad_accum):
+        batch = next(loader)
+        logits = model(batch.inputs.to(device), document_ids=_to(batch.document_ids, device))
+        loss = vocab_parallel_cross_entropy(logits, batch.targets.to(device), reduction="sum") / step_targets
+        loss.backward()
+        loss_sum += loss.detach()
+    grad_norm = clip_grad_norm_(model, clip if clip > 0 else None)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
+# ---------------------------------------------------------------- data and validation
+
+
+@dataclass
+class TrainingData:
+    loader: DistributedDataLoader
+    validation: list  # this rank's Batches of the fixed validation set; empty without one
+    summary: list  # start-up lines about the data
+
+
+def build_data(opts, tokenizer, mesh, global_batch: int) -> TrainingData:
+    """The training loader and the validation batches. Chat and instruction data are
+    packed whole conversations per window; text is cut into stride windows."""
+    sources = opts.data or default_corpus_paths()
+    chat = is_chat_data(sources, opts.data_format)
+
+    def load(paths, quiet: bool):
+        if chat:
+            return load_conversation_cache(
+                paths, tokenizer, opts.cache_dir, data_format=opts.data_format, train_on=opts.train_on,
+                skip_bad_lines=opts.skip_bad_lines, quiet=quiet,
+            )
+        return load_token_cache(paths, tokenizer, opts.cache_dir, quiet=quiet)
+
+    def dataset(cache, documents=None):
+        if chat:
+            return ChatDataset(cache, opts.seq_len, seed=opts.seed, documents=documents)
+        return PackedDataset(
+            cache, opts.seq_len, seed=opts.seed, document_masking=opts.document_masking, documents=documents
+        )
+
+    if dist.get_rank() == 0:  # one rank tokenizes; the others read its cache
+        load(sources, quiet=False)
+        if opts.val_data:
+            load(opts.val_data, quiet=False)
+    dist.barrier()
+    cache = load(sources, quiet=True)
+    train_docs = val_set = None
+    if opts.val_fraction:
+        train_docs, val_docs = split_documents(cache.num_docs, opts.val_fraction, opts.seed)
+        val_set = dataset(cache, val_docs)
+    elif opts.val_data:
+        val_set = dataset(load(opts.val_data, quiet=True))
+    train_set = dataset(cache, train_docs)
+    loader = DistributedDataLoader(
+        train_set, global_batch=global_batch, dp_rank=dp_rank(mesh), dp_size=dp_size(mesh), grad_accum=opts.grad_accum
+    )
+    validation = []
+    if val_set is not None:
+        validation = list(
+            eval_batches(val_set, opts.eval_batches, global_batch, dp_rank(mesh), dp_size(mesh), loader.micro_batch)
+        )
+    summary = []
+    for name, ds in (("train", train_set), ("validation", val_set)):
+        if isinstance(ds, ChatDataset):
+            summary.append(
+                f"{name}: packed {ds.num_tokens:,} tokens into {ds.num_samples:,} windows of {opts.seq_len + 1}: "
+                f"{100 * ds.packing_efficiency:.1f}% packing efficiency, {ds.num_truncated} conversations truncated"
+            )
+    if val_set is not None:
+        samples = len(validation) * loader.micro_batch * dp_size(mesh)
+        summary.append(f"validation: a fixed set of {samples} windows of {val_set.name}, evaluated every {opts.eval_every} steps")
+    return TrainingData(loader, validation, summary)
+
+
+def _to(t: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(device)
+
+
+@torch.no_grad()
+def evaluate(model, batches: list, device, mesh) -> float:
+    """Mean loss per target token over the fixed validation batches of every dp rank: the
+    same on any mesh, as the set of samples does not depend on it."""
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, targets
+    for batch in batches:
+        logits = model(batch.inputs.to(device), document_ids=_to(batch.document_ids, device))
+        targets = batch.targets.to(device)
+        totals[0] += vocab_parallel_cross_entropy(logits, targets, reduction="sum").double()
+        totals[1] += (targets != -100).sum()
+    if dp_size(mesh) > 1:
+        dist.all_reduce(totals, group=dp_mesh(mesh).get_group())
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def _log_validation(metrics_file: Path, step: int, val_loss: float, bar: bool = False) -> None:
+    line = f"step {step:5d} | val loss {val_loss:.4f}"
+    print(f"\r{line:<{_BAR_WIDTH}}" if bar else line, flush=True)
+    with metrics_file.open("a") as f:
+        f.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
+
+
 # ---------------------------------------------------------------- metrics
 
 
@@ -197,18 +331,17 @@ def memory_gb(device) -> float:
 
 
 def make_mesh(opts):
-    world = dist.get_world_size()
-    tp = opts.tp
-    if tp is None:  # the embedded default is a 2x2 mesh on a CPU with 4 processes
-        tp = default_tp() if device_type() == "cuda" else (2 if world % 2 == 0 else 1)
-    return build_mesh(tp, opts.dp_replicate, hybrid=STRATEGIES[opts.strategy].hybrid)
+    # --tp unset: parallel.mesh.default_tp, the GPUs of one node (on CPU 2 when it divides the world)
+    return build_mesh(opts.tp, opts.dp_replicate, hybrid=STRATEGIES[opts.strategy].hybrid)
 
 
 def log_line(record: dict) -> str:
+    val = f" | val loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+    mfu = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.1f}%"
     return (
-        f"step {record['step']:5d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | grad norm {record['grad_norm']:.3f}"
+        f"step {record['step']:5d} | loss {record['loss']:.4f}{val} | lr {record['lr']:.2e} | grad norm {record['grad_norm']:.3f}"
         f" | {record['tokens_per_s']:.0f} tok/s ({record['tokens_per_s_per_device']:.0f}/device)"
-        f" | MFU {100 * record['mfu']:.1f}% | mem {record['memory_gb']:.2f} GB"
+        f" | MFU {mfu} | mem {record['memory_gb']:.2f} GB"
     )
 
 
@@ -220,6 +353,11 @@ def train(opts) -> dict:
     rank = dist.get_rank()
     device = local_device()
     torch.manual_seed(opts.seed)
+    peak = opts.peak_tflops
+    if device.type == "cuda":
+        warn_if_tp_crosses_nodes(mesh["tp"].size(), gpus_per_node())
+        if peak is None:
+            peak = _table_peak(opts.dtype)
     save_dir = Path(opts.save_dir)
 
     args = read_model_args(opts.checkpoint) if opts.checkpoint else ModelArgs.from_preset(opts.preset)
@@ -230,15 +368,8 @@ def train(opts) -> dict:
         raise ValueError(f"--tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is {args.vocab_size}")
     global_batch = opts.global_batch or opts.micro_batch * dp_size(mesh) * opts.grad_accum
 
-    sources = opts.data or default_corpus_paths()
-    if rank == 0:  # one rank tokenizes; the others read its cache
-        load_token_cache(sources, tokenizer, opts.cache_dir)
-    dist.barrier()
-    cache = load_token_cache(sources, tokenizer, opts.cache_dir, quiet=True)
-    dataset = PackedDataset(cache, opts.seq_len, seed=opts.seed)
-    loader = DistributedDataLoader(
-        dataset, global_batch=global_batch, dp_rank=dp_rank(mesh), dp_size=dp_size(mesh), grad_accum=opts.grad_accum
-    )
+    data = build_data(opts, tokenizer, mesh, global_batch)
+    loader, validation = data.loader, data.validation
 
     model = build_parallel_model(
         opts.checkpoint or args,
@@ -264,41 +395,40 @@ def train(opts) -> dict:
         print(
             f"model {opts.checkpoint or opts.preset}: {args.num_params():,} params | mesh "
             + " x ".join(f"{n} {s}" for n, s in zip(mesh.mesh_dim_names, mesh.mesh.shape))
-            + f" | global batch {global_batch} x {opts.seq_len} tokens | {dataset.num_samples} samples/epoch",
+            + f" | global batch {global_batch} x {opts.seq_len} tokens | {loader.dataset.num_samples} samples/epoch",
             flush=True,
         )
+        for line in data.summary:
+            print(line, flush=True)
 
-    peak = opts.peak_tflops
-    if peak is None:
-        peak = measure_peak_tflops(device) if device.type == "cpu" else _table_peak(opts.dtype)
-    peak_total = _sum_over_ranks(peak, device)
+    if peak is None and device.type == "cpu":
+        peak = measure_peak_tflops(device)
+    peak_total = None if peak is None else _sum_over_ranks(peak, device)
     world = dist.get_world_size()
     flops_per_token = args.training_flops_per_token(opts.seq_len)
     tokens_per_step = global_batch * opts.seq_len
     metrics_file = save_dir / "metrics.jsonl"
     show_bar = rank == 0 and sys.stdout.isatty()
-    last, window_start, window_steps = {}, time.perf_counter(), 0
-
     last_step = opts.steps if opts.stop_after is None else min(opts.steps, step + opts.stop_after)
+    if validation and resume_from is None:  # the starting point of the validation curve
+        val_loss = evaluate(model, validation, device, mesh)
+        if rank == 0:
+            _log_validation(metrics_file, step, val_loss)
+
+    last, window_start, window_steps = {}, time.perf_counter(), 0
     while step < last_step:
         lr = lr_at(step, opts)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(opts.grad_accum):
-            inputs, targets = (t.to(device) for t in next(loader))
-            logits = model(inputs)
-            # sum over this rank's tokens / all tokens of the step: the mean over the
-            # global batch, whatever the mesh and the accumulation
-            loss = vocab_parallel_cross_entropy(logits, targets, reduction="sum") / tokens_per_step
-            loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = clip_grad_norm_(model, opts.clip if opts.clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum, grad_norm = train_step(model, optimizer, loader, device, opts.clip)
         step += 1
         window_steps += 1
         _fault_injection("step", step, rank)
+        val_loss = None
+        if validation and (step % opts.eval_every == 0 or step == last_step):
+            eval_start = time.perf_counter()
+            val_loss = evaluate(model, validation, device, mesh)
+            window_start += time.perf_counter() - eval_start  # tokens/s counts training alone
 
         if step % opts.log_every == 0 or step in (1, last_step):  # step 1 shows the starting loss
             loss_value = sum_over_dp(loss_sum.item(), mesh)  # the shares add up to the step's mean
@@ -311,16 +441,20 @@ def train(opts) -> dict:
                 "grad_norm": float(grad_norm),
                 "tokens_per_s": tokens_per_s,
                 "tokens_per_s_per_device": tokens_per_s / world,
-                "mfu": flops_per_token * tokens_per_s / (peak_total * 1e12),
+                "mfu": None if peak_total is None else flops_per_token * tokens_per_s / (peak_total * 1e12),
                 "memory_gb": memory_gb(device),
                 "samples_seen": loader.sample,
             }
+            if val_loss is not None:
+                last["val_loss"] = val_loss
             if rank == 0:
                 line = log_line(last)
                 print(f"\r{line:<{_BAR_WIDTH}}" if show_bar else line, flush=True)
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(last) + "\n")
             window_start, window_steps = time.perf_counter(), 0
+        elif val_loss is not None and rank == 0:
+            _log_validation(metrics_file, step, val_loss, bar=show_bar)
         if show_bar:
             print(f"\r{_progress_bar(step, last_step):<{_BAR_WIDTH}}", end="", flush=True)
         if (opts.save_every and step % opts.save_every == 0) or step == last_step:
@@ -345,12 +479,15 @@ def _drop_metrics_after(path: Path, step: int) -> None:
         path.write_text("".join(row + "\n" for row in rows))
 
 
-def _table_peak(dtype: str) -> float:
+def _table_peak(dtype: str) -> Optional[float]:
+    """This GPU's dense peak for the run's matmuls; None (MFU logged as null) when unknown."""
     name = torch.cuda.get_device_name()
-    for key, peaks in PEAK_TFLOPS.items():
-        if key in name:
-            return peaks[dtype]
-    raise ValueError(f"no peak TFLOP/s known for {name!r}; pass --peak-tflops")
+    if dtype == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+        dtype = "tf32"
+    peak = peak_tflops(name, dtype)
+    if peak is None:
+        warn_unknown_device(name)
+    return peak
 
 
 def _sum_over_ranks(value: float, device) -> float:

@@ -4,6 +4,9 @@ mesh dimension (counted by parallel.plan.CommCounter on a separate, untimed step
 
     PYTHONPATH=. python bench/bench_2d.py [--preset debug] [--seq-len 256] [--global-batch 8]
 
+Without --preset the model is the one --dim, --layers, --heads, --kv-heads and --vocab
+describe (a 4-M-parameter model by default).
+
 Numbers, not pass/fail: on a shared CPU they say how the meshes compare, not what a
 GPU cluster does. One process per rank, one thread each."""
 
@@ -18,18 +21,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.distributed as dist
 
-from llama import ModelArgs
+from llama import PRESETS, ModelArgs
 from parallel.fsdp import build_parallel_model
 from parallel.mesh import build_mesh, dp_rank
 from parallel.plan import CommCounter
 from parallel.spawn import run_on_ranks
-from parallel.train_utils import clip_grad_norm_, global_token_count, token_loss
+from parallel.train_utils import clip_grad_norm_, token_loss
 
 MESHES = [(2, 2), (4, 1), (1, 4)]
 
 
-def _step(model, opt, inputs, targets, mesh):
-    count = global_token_count(targets, mesh)
+def _step(model, opt, inputs, targets, count):
+    # count: the global batch's target tokens, known on every rank as train.py's loader
+    # knows them, so the step issues no token-count collective
     token_loss(model(inputs), targets, count).backward()
     clip_grad_norm_(model, 1.0)
     opt.step()
@@ -47,15 +51,16 @@ def _bench(args: ModelArgs, opts) -> list:
         per = opts.global_batch // dp
         mine = tokens[dp_rank(mesh) * per : (dp_rank(mesh) + 1) * per]
         inputs, targets = mine[:, :-1], mine[:, 1:]
-        _step(model, opt, inputs, targets, mesh)  # warm-up
+        count = int((tokens[:, 1:] != -100).sum())
+        _step(model, opt, inputs, targets, count)  # warm-up
         counter = CommCounter(mesh)
         with counter:
-            _step(model, opt, inputs, targets, mesh)
+            _step(model, opt, inputs, targets, count)
         times = []
         for _ in range(opts.steps):
             dist.barrier()
             start = time.perf_counter()
-            _step(model, opt, inputs, targets, mesh)
+            _step(model, opt, inputs, targets, count)
             dist.barrier()
             times.append(time.perf_counter() - start)
         # the median step: robust to the other tenants of a shared CPU
@@ -67,20 +72,26 @@ def _bench(args: ModelArgs, opts) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=2048)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--global-batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=7, help="timed steps; the median is reported")
-    parser.add_argument("--strategy", default="full")
+    parser.add_argument("--preset", choices=list(PRESETS), help="a preset model instead of the flags below (default: none)")
+    parser.add_argument("--dim", type=int, default=256, help="model width (default: %(default)s)")
+    parser.add_argument("--layers", type=int, default=4, help="transformer blocks (default: %(default)s)")
+    parser.add_argument("--heads", type=int, default=8, help="query heads (default: %(default)s)")
+    parser.add_argument("--kv-heads", type=int, default=4, help="key/value heads (default: %(default)s)")
+    parser.add_argument("--vocab", type=int, default=2048, help="vocabulary size (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: %(default)s)")
+    parser.add_argument("--global-batch", type=int, default=8, help="sequences per step (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=7, help="timed steps; the median is reported (default: %(default)s)")
+    parser.add_argument("--strategy", default="full", help="FSDP strategy (default: %(default)s)")
     opts = parser.parse_args()
-    args = ModelArgs(
-        dim=opts.dim, n_layers=opts.layers, n_heads=opts.heads, n_kv_heads=opts.kv_heads,
-        vocab_size=opts.vocab, multiple_of=64, max_seq_len=opts.seq_len,
-    )
+    if opts.preset:
+        args = ModelArgs.from_preset(opts.preset)
+        if opts.seq_len > args.max_seq_len:
+            parser.error(f"--seq-len {opts.seq_len} exceeds the preset's max_seq_len {args.max_seq_len}")
+    else:
+        args = ModelArgs(
+            dim=opts.dim, n_layers=opts.layers, n_heads=opts.heads, n_kv_heads=opts.kv_heads,
+            vocab_size=opts.vocab, multiple_of=64, max_seq_len=opts.seq_len,
+        )
     tokens = opts.global_batch * opts.seq_len
     print(
         f"model dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads / {args.n_kv_heads} kv, vocab "

@@ -3,14 +3,25 @@
 1. `load_token_cache(sources, tokenizer)` tokenizes text files, `.jsonl` files
    (a "text" field per line) or directories of them once, into a uint32 memmap
    of all tokens plus an index of document offsets. Each document is framed as
-   BOS + tokens + EOS. Later runs reuse the cache while the source files (paths,
-   sizes, mtimes) and the tokenizer (its fingerprint) are unchanged.
+   BOS + tokens + EOS. Later runs reuse the cache while the source files (paths
+   and the sha256 of their bytes) and the tokenizer (its fingerprint) are
+   unchanged.
 2. `PackedDataset(cache, seq_len, seed)` cuts the token stream into windows of
    seq_len + 1 tokens with stride seq_len: inputs are a window's first seq_len
    tokens, targets its last seq_len, and consecutive windows share one token so
    every token is a target exactly once per epoch (but the first, and a tail
-   shorter than seq_len). Documents run across window boundaries (no padding). Windows are visited in a seeded random
-   order, a fresh permutation per epoch (seed + epoch).
+   shorter than seq_len). Documents run across window boundaries (no padding).
+   Windows are visited in a seeded random order, a fresh permutation per epoch
+   (seed + epoch). With `document_masking=True` each batch also carries
+   window-local document ids (a document cut by the window's start is id 0):
+
+       tokens        ... d r a g o n EOS | BOS t h e EOS | BOS a n ...
+       document_ids    0 0 0 0 0 0  0    |  1  1 1 1  1  |  2  2 2
+
+   With `documents=` (an index array, e.g. from `split_documents`) the stride
+   packing runs over those documents only, concatenated virtually.
+   Chat and instruction data (whole conversations per window, padding, labels)
+   live in llama/chat.py; `encode_conversation` and friends are re-exported here.
 3. The data position is one global sample counter. A micro-step consumes
    micro_batch * dp_size consecutive samples and dp rank r takes the r-th slice
    of micro_batch. After optimizer step s with global batch
@@ -18,6 +29,11 @@
    whatever dp_size was, so a run can resume on another number of dp ranks
    without skipping or repeating a sample. Batches depend only on the dp rank:
    all tensor-parallel ranks of one dp group get identical batches.
+   A batch is `Batch(inputs, targets, document_ids)`; targets are -100 where
+   the loss does not apply (chat data only), and `step_target_tokens()` counts
+   the targets of the next optimizer step on every rank without a collective.
+4. Validation: `split_documents` holds out whole documents, and `eval_batches`
+   yields the same fixed samples on any mesh.
 
 Bad input raises `DataError` (a ValueError) with one line naming the file, the
 line and the fix. Invalid UTF-8 is not an error: it is replaced with U+FFFD,
@@ -32,10 +48,11 @@ import os
 import sys
 import sysconfig
 import time
+from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -45,7 +62,9 @@ from llama.tokenizer import Tokenizer
 PathLike = Union[str, os.PathLike]
 Sources = Union[PathLike, Sequence[PathLike]]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed on the sha256 of the files' bytes instead of size and mtime
+HASH_CHUNK_BYTES = 16 << 20
+IGNORE_INDEX = -100  # a target the loss skips (torch.nn.functional.cross_entropy's default)
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py")  # one file = one document
 JSONL_SUFFIXES = (".jsonl",)  # one line = one document, its "text" field
 ENCODE_BATCH_CHARS = 8_000_000  # text handed to the tokenizer's threads at once
@@ -238,19 +257,35 @@ def _sha256(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in large chunks. Size and mtime are not
+    enough: a file rewritten within the same second at the same size keeps both."""
+    h, buffer = hashlib.sha256(), bytearray(HASH_CHUNK_BYTES)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def source_stats(files: list[Path]) -> list[tuple[str, int, str]]:
+    """(path, size, sha256) per file: what a cache key is made of."""
+    return [(str(f), f.stat().st_size, file_sha256(f)) for f in files]
+
+
 def load_token_cache(sources: Sources, tokenizer: Tokenizer, cache_dir: PathLike | None = None, *,
                      quiet: bool = False, num_threads: int | None = None,
                      progress_every_mb: float = 16.0) -> TokenCache:
     """Tokenize `sources` into a cache, or open the cache a previous run left.
 
-    The cache is reused while the source files (resolved paths, sizes, mtimes)
-    and `tokenizer.fingerprint` are unchanged; otherwise it is rebuilt in place.
+    The cache is reused while the source files (resolved paths and the sha256
+    of their bytes) and `tokenizer.fingerprint` are unchanged; otherwise it is rebuilt in place.
     Files are written under temporary names and renamed, so an interrupted or
     concurrent build never leaves a cache that looks valid but is not. In a
     multi-process run, call it on one rank first, then barrier, then on all.
     """
     files = find_source_files(sources)
-    stats = [(str(f), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()]]
+    stats = source_stats(files)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(sources)
     # One slot per (source arguments, tokenizer): a changed file rebuilds the
     # slot instead of piling up stale caches.
@@ -412,25 +447,40 @@ def micro_batch_size(global_batch: int, dp_size: int, grad_accum: int = 1) -> in
     return global_batch // per_step
 
 
-class PackedDataset:
-    """Windows of seq_len + 1 tokens (stride seq_len) in a seeded order per epoch.
+class Batch(NamedTuple):
+    """One rank's micro-batch, int64 [micro_batch, seq_len] tensors."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor  # IGNORE_INDEX where the loss does not apply
+    document_ids: Optional[torch.Tensor]  # non-decreasing per row from 0; None without document masking
+
+
+Row = tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]  # one sample's inputs, targets, document ids
+
+
+class WindowDataset(ABC):
+    """Windows of seq_len + 1 tokens in a seeded order per epoch: what the loader needs.
 
     Sample g (a global sample index, counting across epochs) is window
     permutation(seed + epoch)[g % num_samples] of epoch g // num_samples.
-    `source` is a TokenCache or any 1-D token array.
+    Subclasses set seq_len, seed, name and num_samples and build one window's row.
     """
 
-    def __init__(self, source: TokenCache | np.ndarray, seq_len: int, seed: int = 0):
-        self.tokens = source.tokens if isinstance(source, TokenCache) else np.asarray(source)
-        self.name = source.describe() if isinstance(source, TokenCache) else "token array"
-        self.seq_len, self.seed = seq_len, seed
-        if seq_len < 1:
-            raise DataError(f"seq_len must be >= 1, got {seq_len}")
-        self.num_samples = max(0, (len(self.tokens) - 1) // seq_len)  # windows per epoch
-        if self.num_samples == 0:
-            raise DataError(f"{self.name}: corpus of {len(self.tokens):,} tokens is smaller than one "
-                            f"window of seq_len + 1 = {seq_len + 1} tokens; add text or lower seq_len")
+    seq_len: int
+    seed: int
+    name: str
+    num_samples: int  # windows per epoch
+
+    def __init__(self):
         self._orders: dict[int, np.ndarray] = {}  # epoch -> window permutation
+
+    @abstractmethod
+    def row(self, window: int) -> Row:
+        """(inputs, targets, document ids or None) of one window, each [seq_len]."""
+
+    @abstractmethod
+    def num_targets(self, sample: int) -> int:
+        """Targets the loss applies to in global sample `sample` (not IGNORE_INDEX); O(1)."""
 
     def window_index(self, sample: int) -> int:
         """Which window (of its epoch) global sample `sample` is."""
@@ -441,21 +491,22 @@ class PackedDataset:
             self._orders[epoch] = np.random.default_rng(self.seed + epoch).permutation(self.num_samples)
         return int(self._orders[epoch][i])
 
-    def window(self, sample: int) -> np.ndarray:
-        start = self.window_index(sample) * self.seq_len
-        return self.tokens[start:start + self.seq_len + 1]
-
-    def get_batch(self, first_sample: int, dp_rank: int, dp_size: int,
-                  micro_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), int64 [micro_batch, seq_len]: dp rank `dp_rank`'s slice
-        of the micro_batch * dp_size samples starting at global sample `first_sample`."""
+    def get_batch(self, first_sample: int, dp_rank: int, dp_size: int, micro_batch: int) -> Batch:
+        """dp rank `dp_rank`'s slice of the micro_batch * dp_size samples starting
+        at global sample `first_sample`."""
         self._check_layout(dp_rank, dp_size, micro_batch)
         first = first_sample + dp_rank * micro_batch
-        rows = np.stack([self.window(first + j) for j in range(micro_batch)]).astype(np.int64)
-        return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+        return self._batch([first + j for j in range(micro_batch)])
+
+    def _batch(self, samples: Sequence[int]) -> Batch:
+        rows = [self.row(self.window_index(s)) for s in samples]
+        inputs, targets, doc_ids = (np.stack(column) if column[0] is not None else None
+                                    for column in zip(*rows))
+        return Batch(*(torch.from_numpy(a.astype(np.int64)) if a is not None else None
+                       for a in (inputs, targets, doc_ids)))
 
     def batches(self, dp_rank: int, dp_size: int, micro_batch: int,
-                start_sample: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                start_sample: int = 0) -> Iterator[Batch]:
         """Endless micro-batches for one dp rank, from global sample `start_sample` on."""
         self._check_layout(dp_rank, dp_size, micro_batch)
         self.check_fits(micro_batch * dp_size)
@@ -470,7 +521,7 @@ class PackedDataset:
         if self.num_samples < global_batch:
             raise DataError(
                 f"{self.name}: corpus has {self.num_samples:,} windows of seq_len + 1 = {self.seq_len + 1} "
-                f"tokens ({len(self.tokens):,} tokens), fewer than one global batch of {global_batch}; "
+                f"tokens ({self.num_tokens:,} tokens), fewer than one global batch of {global_batch}; "
                 "add text, or lower seq_len or the batch size")
 
     @staticmethod
@@ -479,6 +530,87 @@ class PackedDataset:
             raise DataError(f"dp_rank {dp_rank} is outside 0..dp_size-1 for dp_size {dp_size}")
         if micro_batch < 1:
             raise DataError(f"micro_batch must be >= 1, got {micro_batch}")
+
+
+def _check_documents(documents, num_docs: int, name: str) -> np.ndarray:
+    documents = np.asarray(documents, dtype=np.int64)
+    if documents.ndim != 1 or len(documents) == 0:
+        raise DataError(f"{name}: documents= must be a non-empty 1-D index array, got shape {documents.shape}")
+    if documents.min() < 0 or documents.max() >= num_docs:
+        raise DataError(f"{name}: documents= holds indices outside 0..{num_docs - 1}; "
+                        "build the index from this corpus's own document count")
+    return documents
+
+
+class PackedDataset(WindowDataset):
+    """Pretraining windows: stride seq_len over the token stream of all (or the
+    selected) documents, documents running across window boundaries.
+
+    `source` is a TokenCache or any 1-D token array; a plain array is one
+    document unless `doc_offsets` ([num_docs + 1], as in TokenCache) is given.
+    """
+
+    def __init__(self, source: TokenCache | np.ndarray, seq_len: int, seed: int = 0, *,
+                 document_masking: bool = False, doc_offsets: np.ndarray | None = None,
+                 documents: np.ndarray | None = None):
+        super().__init__()
+        self.tokens = source.tokens if isinstance(source, TokenCache) else np.asarray(source)
+        self.name = source.describe() if isinstance(source, TokenCache) else "token array"
+        if isinstance(source, TokenCache):
+            doc_offsets = source.doc_offsets
+        elif doc_offsets is None:
+            doc_offsets = np.array([0, len(self.tokens)])
+        doc_offsets = np.asarray(doc_offsets, dtype=np.int64)
+        if doc_offsets[0] != 0 or doc_offsets[-1] != len(self.tokens) or (np.diff(doc_offsets) < 0).any():
+            raise DataError(f"{self.name}: doc_offsets must rise from 0 to the token count "
+                            f"{len(self.tokens)}, got {doc_offsets[0]}..{doc_offsets[-1]}")
+        self.seq_len, self.seed, self.document_masking = seq_len, seed, document_masking
+        if seq_len < 1:
+            raise DataError(f"seq_len must be >= 1, got {seq_len}")
+        if documents is None:
+            self._doc_starts = None  # the stream is the token array itself
+            self._cum = doc_offsets
+        else:
+            # A virtual concatenation of the selected documents: cumulative
+            # lengths map stream positions to documents without copying tokens.
+            documents = _check_documents(documents, len(doc_offsets) - 1, self.name)
+            self._doc_starts = doc_offsets[documents]
+            lengths = doc_offsets[documents + 1] - self._doc_starts
+            self._cum = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.num_tokens = int(self._cum[-1])
+        self.num_samples = max(0, (self.num_tokens - 1) // seq_len)
+        if self.num_samples == 0:
+            raise DataError(f"{self.name}: corpus of {self.num_tokens:,} tokens is smaller than one "
+                            f"window of seq_len + 1 = {seq_len + 1} tokens; add text or lower seq_len")
+
+    def window(self, sample: int) -> np.ndarray:
+        """The seq_len + 1 tokens of global sample `sample`."""
+        start = self.window_index(sample) * self.seq_len
+        return self._tokens(start, start + self.seq_len + 1)
+
+    def _tokens(self, start: int, stop: int) -> np.ndarray:
+        if self._doc_starts is None:
+            return self.tokens[start:stop]
+        first, last = np.searchsorted(self._cum, [start, stop - 1], side="right") - 1
+        pieces = []
+        for d in range(first, last + 1):
+            a, b = max(start, self._cum[d]), min(stop, self._cum[d + 1])
+            offset = self._doc_starts[d] - self._cum[d]
+            pieces.append(self.tokens[offset + a:offset + b])
+        return np.concatenate(pieces)
+
+    def row(self, window: int) -> Row:
+        start = window * self.seq_len
+        tokens = self._tokens(start, start + self.seq_len + 1).astype(np.int64)
+        doc_ids = None
+        if self.document_masking:
+            # side="right" skips empty documents; ids are relative to the window's first token
+            doc = np.searchsorted(self._cum, np.arange(start, start + self.seq_len), side="right") - 1
+            doc_ids = doc - doc[0]
+        return tokens[:-1], tokens[1:], doc_ids
+
+    def num_targets(self, sample: int) -> int:
+        return self.seq_len  # pretraining: every target counts
 
 
 class DistributedDataLoader:
@@ -490,7 +622,7 @@ class DistributedDataLoader:
     `global_batch` samples.
     """
 
-    def __init__(self, dataset: PackedDataset, *, global_batch: int, dp_rank: int = 0,
+    def __init__(self, dataset: WindowDataset, *, global_batch: int, dp_rank: int = 0,
                  dp_size: int = 1, grad_accum: int = 1):
         self.dataset = dataset
         self.micro_batch = micro_batch_size(global_batch, dp_size, grad_accum)
@@ -507,10 +639,16 @@ class DistributedDataLoader:
     def __iter__(self) -> "DistributedDataLoader":
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> Batch:
         batch = self.dataset.get_batch(self.sample, self.dp_rank, self.dp_size, self.micro_batch)
         self.sample += self.micro_batch * self.dp_size
         return batch
+
+    def step_target_tokens(self) -> int:
+        """Targets the loss applies to in the next optimizer step, over all dp
+        ranks and micro-steps: the divisor of an exact mean loss. Every rank
+        knows every sample's count, so no collective is needed."""
+        return sum(self.dataset.num_targets(s) for s in range(self.sample, self.sample + self.global_batch))
 
     def state_dict(self) -> dict:
         d = self.dataset
@@ -525,3 +663,58 @@ class DistributedDataLoader:
                 f"has seq_len={d.seq_len}, seed={d.seed}, {d.num_samples} windows of {d.name}: resume with "
                 "the same data, seq_len and seed, or drop the data state to restart the data order")
         self.sample = int(state["sample"])
+
+
+# ---------------------------------------------------------------------------
+# Validation
+
+
+def split_documents(num_docs: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) sorted document indices: ceil(fraction * num_docs) whole
+    documents held out at random, the same for a given seed on any mesh."""
+    if not 0 < fraction < 1:
+        raise DataError(f"validation fraction must be between 0 and 1 (exclusive), got {fraction}")
+    num_val = int(np.ceil(fraction * num_docs))
+    if num_docs < 2 or num_val >= num_docs:
+        raise DataError(f"validation fraction {fraction} of {num_docs} documents leaves no document "
+                        "to train on; lower the fraction or add documents")
+    # Its own stream: the window orders use seeds seed + epoch.
+    order = np.random.default_rng([seed, 0x5EED]).permutation(num_docs)
+    return np.sort(order[num_val:]), np.sort(order[:num_val])
+
+
+def eval_batches(dataset: WindowDataset, num_batches: int, global_batch: int, dp_rank: int,
+                 dp_size: int, micro_batch: int) -> Iterator[Batch]:
+    """This rank's micro-batches over a fixed set of samples: the first
+    num_batches * global_batch samples of epoch 0's order (capped at whole
+    global batches within one epoch). The set does not depend on the mesh, so
+    the summed loss over it, divided by its target count, is the same on any."""
+    dataset._check_layout(dp_rank, dp_size, micro_batch)
+    if num_batches < 1:
+        raise DataError(f"eval batches must be >= 1, got {num_batches}")
+    usable = dataset.num_samples // global_batch
+    if usable == 0:
+        raise DataError(f"{dataset.name}: validation set has {dataset.num_samples} windows, fewer than one "
+                        f"global batch of {global_batch}; hold out more data or lower the batch size")
+    if usable < num_batches:
+        _log(f"warning: {dataset.name}: validation set has {dataset.num_samples} windows, enough for "
+             f"{usable} of the {num_batches} eval batches of {global_batch}; evaluating on {usable}")
+    per_micro_step = micro_batch * dp_size
+    if global_batch % per_micro_step:
+        raise DataError(f"eval global batch {global_batch} is not a multiple of micro_batch {micro_batch} x "
+                        f"dp_size {dp_size}")
+    for first in range(0, min(usable, num_batches) * global_batch, per_micro_step):
+        yield dataset.get_batch(first, dp_rank, dp_size, micro_batch)
+
+
+def __getattr__(name: str):
+    # Chat data lives in llama/chat.py, which imports this module; importing it
+    # lazily lets `from llama.data import encode_conversation` work either way round.
+    if name in _CHAT_EXPORTS:
+        from llama import chat
+        return getattr(chat, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_CHAT_EXPORTS = ("encode_conversation", "ChatDataset", "ConversationCache", "load_conversation_cache",
+                 "is_chat_data", "detect_data_format", "DATA_FORMATS", "TRAIN_ON")

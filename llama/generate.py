@@ -206,17 +206,25 @@ class Timer:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m llama.generate", description=__doc__.split("\n\n")[0])
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="converted checkpoint directory (convert_weights.py output)")
-    source.add_argument("--preset", choices=sorted(PRESETS), help="random-init model of this size (no checkpoint)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.model, a directory holding one, or 'bytes'")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the Llama 3 chat format")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed, and the weights' seed with --preset")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the number of processes)")
+    source.add_argument("--checkpoint", help="converted checkpoint directory, convert_weights.py output (required: this or --preset)")
+    source.add_argument("--preset", choices=sorted(PRESETS),
+        help="random-init model of this size (required: this or --checkpoint)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.model, a directory holding one, or 'bytes' (required)")
+    p.add_argument("--prompt", required=True, help="text to continue, or with --chat the user's message (required)")
+    p.add_argument("--chat", action="store_true",
+        help="wrap the prompt as a user turn in the Llama 3 chat format (default: off)")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+        help="tokens to generate at most; fewer at a stop token (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0,
+        help="sampling temperature; 0 = greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0,
+        help="nucleus sampling: draw from the most likely tokens holding this probability; 1 = all (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+        help="sampling seed, and the weights' seed with --preset (default: %(default)s)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+        help="weights and compute dtype (default: %(default)s)")
+    p.add_argument("--tp", type=int, default=None,
+        help="tensor-parallel size; must equal the number of processes (default: the number of processes)")
     return p.parse_args(argv)
 
 

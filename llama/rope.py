@@ -1,5 +1,6 @@
 """Rotary position embedding in Meta's layout: interleaved pairs (x0, x1), (x2, x3), ...
-rotate together, which is the complex form of Meta's reference, computed on real tensors."""
+rotate together. Meta's reference multiplies complex numbers; here the same rotation is
+real arithmetic, which inductor can fuse into one kernel (it cannot fuse complex ops)."""
 
 import math
 
@@ -30,9 +31,39 @@ def rope_table(args: ModelArgs, seq_len: int, device=None) -> tuple[torch.Tensor
     return torch.cos(angles), torch.sin(angles)
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_next: torch.Tensor, sin_prev: torch.Tensor) -> torch.Tensor:
+    # out[2i] = x[2i] cos_i - x[2i+1] sin_i and out[2i+1] = x[2i+1] cos_i + x[2i] sin_i, as
+    # products of x with itself shifted by one element: contiguous views that eager CPU
+    # kernels vectorize, where even/odd views (stride 2) run element by element. The
+    # shifted tables are zero where a product would cross into the neighbouring pair.
+    out = x * cos
+    out[..., :-1].addcmul_(x[..., 1:], sin_next)
+    out[..., 1:].addcmul_(x[..., :-1], sin_prev)
+    return out
+
+
+class _Rotation(torch.autograd.Function):
+    """Its backward is the inverse rotation (a rotation's transpose), computed like the
+    forward, instead of autograd's trace back through the in-place views."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin_next, sin_prev):
+        ctx.save_for_backward(cos, sin_next, sin_prev)
+        return _rotate(x, cos, sin_next, sin_prev)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin_next, sin_prev = ctx.saved_tensors
+        return _rotate(grad, cos, -sin_next, -sin_prev), None, None, None
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, seq, heads, head_dim); cos/sin: (seq, head_dim / 2)."""
-    # one complex multiply is several times faster than the same rotation in real ops
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
-    rotation = torch.complex(cos, sin)[:, None, :]
-    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+    """x: (batch, seq, heads, head_dim); cos/sin: (seq, head_dim / 2), or (batch, seq,
+    head_dim / 2) when positions differ per sequence (e.g. restart per document).
+    Computed in float32, returned in x's dtype."""
+    zeros = torch.zeros_like(sin)
+    # tables over the whole head_dim, broadcast over heads: (..., seq, 1, head_dim [- 1])
+    cos = cos.repeat_interleave(2, dim=-1).unsqueeze(-2)
+    sin_next = torch.stack((-sin, zeros), dim=-1).flatten(-2)[..., :-1].unsqueeze(-2)
+    sin_prev = torch.stack((zeros, sin), dim=-1).flatten(-2)[..., 1:].unsqueeze(-2)
+    return _Rotation.apply(x.float(), cos, sin_next, sin_prev).type_as(x)

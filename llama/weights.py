@@ -471,17 +471,37 @@ def load_model(
     sequence_parallel: bool = False,
     device=None,
 ) -> Transformer:
-    """The model of a converted checkpoint, with this rank's shards read from disk."""
-    args = read_model_args(path)
+    """The model of a converted checkpoint, with this rank's shards read from disk. `path`
+    may also be a training checkpoint (train.py's step_N, a DCP directory): its tensors
+    are read whole, one at a time, and each rank keeps its shard."""
+    training = is_training_checkpoint(path)
+    if training:
+        from .sources import check_source, dcp_source
+
+        source = dcp_source(Path(path))
+        check_source(source)
+        args = source.args
+    else:
+        args = read_model_args(path)
     if device is None:
         device = local_device(tp_mesh.device_type if tp_mesh is not None else "cpu")
     with torch.device("meta"):
         model = Transformer(args, tp_mesh, sequence_parallel=sequence_parallel)
-    located = _locate(model, path)
+    located = None if training else _locate(model, path)
     model.to(dtype=dtype)
     model.to_empty(device=device)  # Transformer keeps a tied output tied through this
-    load_weights_(model, path, located)
+    if not training:
+        load_weights_(model, path, located)
+        return model
+    with torch.no_grad():
+        for name, param in expected_tensors(model).items():
+            local_tensor(param).copy_(source.tensors[name].read()[local_slices(param)])
     return model
+
+
+def is_training_checkpoint(path) -> bool:
+    """A torch.distributed.checkpoint directory (train.py's step_N) rather than our format."""
+    return (Path(path) / ".metadata").is_file()
 
 
 def save_checkpoint(state_dict: dict, args: ModelArgs, out_dir) -> Path:

@@ -369,6 +369,54 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return probs.to(ctx.logits_dtype), None, None, None, None
 
 
+# fp32 logits of one chunk of tokens: 256 MiB is ~520 tokens of Llama 3's 128256-word
+# vocabulary, where the whole of an 8K-token sequence would take 4 GiB
+CROSS_ENTROPY_CHUNK_BYTES = 1 << 28
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of whole-vocabulary (tokens, vocab) logits in their own dtype, a chunk
+    of tokens at a time: the fp32 softmax exists for one chunk only, in the forward and in
+    the backward, which recomputes it from the saved logits and log-sum-exps."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index, reduction, chunk):
+        valid = targets != ignore_index
+        ids = torch.where(valid, targets, 0)
+        lse = torch.cat([torch.logsumexp(rows.float(), dim=-1) for rows in logits.split(chunk)])
+        target_logits = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1).float()
+        losses = torch.where(valid, lse - target_logits, 0.0)
+        divisor = valid.sum() if reduction == "mean" else torch.ones((), device=logits.device)
+        ctx.save_for_backward(logits, ids, valid, lse, divisor)
+        ctx.chunk = chunk
+        return losses.sum() / divisor
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, ids, valid, lse, divisor = ctx.saved_tensors
+        per_token = torch.where(valid, grad / divisor, 0.0)
+        grad_logits = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            # d loss / d logits = softmax - one_hot(target), per token
+            probs = (logits[rows].float() - lse[rows, None]).exp_()
+            probs.scatter_add_(-1, ids[rows, None], probs.new_full((probs.shape[0], 1), -1.0))
+            grad_logits[rows] = probs.mul_(per_token[rows, None])
+        return grad_logits, None, None, None, None
+
+
+def chunked_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean", chunk_tokens=None
+) -> torch.Tensor:
+    """F.cross_entropy of plain (..., vocab) logits in fp32, without an fp32 copy of all of
+    them: `chunk_tokens` rows at a time (default: CROSS_ENTROPY_CHUNK_BYTES of fp32)."""
+    vocab = logits.shape[-1]
+    chunk = chunk_tokens or max(1, CROSS_ENTROPY_CHUNK_BYTES // (4 * vocab))
+    return _ChunkedCrossEntropy.apply(
+        logits.reshape(-1, vocab), targets.reshape(-1), ignore_index, reduction, chunk
+    )
+
+
 def vocab_parallel_cross_entropy(logits, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean"):
     """Cross-entropy of (batch, seq, vocab) logits, vocab-sharded DTensor or plain tensor;
     equal to F.cross_entropy on the gathered logits. `reduction="sum"` lets a caller
@@ -376,8 +424,7 @@ def vocab_parallel_cross_entropy(logits, targets: torch.Tensor, ignore_index: in
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if not isinstance(logits, DTensor):
-        flat = logits.reshape(-1, logits.shape[-1]).float()
-        return F.cross_entropy(flat, targets.reshape(-1), ignore_index=ignore_index, reduction=reduction)
+        return chunked_cross_entropy(logits, targets, ignore_index, reduction)
     mesh = logits.device_mesh
     local = logits.to_local()
     return _VocabParallelCrossEntropy.apply(

@@ -8,6 +8,7 @@ Every check here runs before any collective, on every rank alike, so a bad shape
 all ranks with the same message instead of a hang."""
 
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -20,36 +21,87 @@ def device_type() -> str:
 
 
 def local_device(device_type_: Optional[str] = None) -> torch.device:
-    """This rank's device: the current CUDA device (set from LOCAL_RANK), or the CPU."""
+    """This rank's device: the current CUDA device (set by `init_distributed`), or the CPU."""
     kind = device_type_ or device_type()
     return torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device(kind)
+
+
+def local_rank() -> int:
+    """This process's index on its node: torchrun's LOCAL_RANK, else Slurm's SLURM_LOCALID
+    (tasks started by srun without torchrun), else 0."""
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return 0
+
+
+def cuda_device_for_rank() -> torch.device:
+    """The GPU this process drives. Modulo the visible devices: when the launcher gives each
+    task only its own GPU (Slurm's --gpus-per-task), every local rank sees one device, 0."""
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise RuntimeError("CUDA is available but no GPU is visible to this process; check CUDA_VISIBLE_DEVICES")
+    return torch.device("cuda", local_rank() % count)
+
+
+def gpus_per_node() -> int:
+    """Processes per node as torchrun counts them (LOCAL_WORLD_SIZE), else the visible GPUs."""
+    if os.environ.get("LOCAL_WORLD_SIZE"):
+        return int(os.environ["LOCAL_WORLD_SIZE"])
+    return torch.cuda.device_count()
+
+
+def warn_if_tp_crosses_nodes(tp: int, per_node: int) -> bool:
+    """Warn (and return True) when some tp group spans two nodes: its all-reduces, two per
+    block forward and two backward, would then cross the network instead of NVLink."""
+    if per_node < 1 or (tp <= per_node and per_node % tp == 0):
+        return False
+    warnings.warn(
+        f"--tp {tp} puts tensor-parallel groups across nodes of {per_node} GPUs, so their all-reduces "
+        f"cross the network; use a --tp that divides {per_node} and let FSDP span the nodes",
+        stacklevel=2,
+    )
+    return True
 
 
 def init_distributed() -> None:
     """Join torchrun's process group: NCCL on GPUs, gloo on CPU."""
     if dist.is_initialized():
         return
-    if device_type() == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     backend = "nccl" if device_type() == "cuda" else "gloo"
+    options = {}
+    if device_type() == "cuda":
+        device = cuda_device_for_rank()
+        torch.cuda.set_device(device)
+        # binds the NCCL communicators to this GPU now, instead of guessing it from the rank
+        # at the first collective (and warning that the guess may hang)
+        options["device_id"] = device
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None:
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, **options)
         return
     # After a torchrun restart the agent's store still holds the dead workers' addresses
     # under the same keys; a fresh prefix per attempt keeps the new ranks off them.
     store, rank, world_size = next(dist.rendezvous("env://"))
     dist.init_process_group(
-        backend=backend, store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank, world_size=world_size
+        backend=backend,
+        store=dist.PrefixStore(f"attempt_{attempt}", store),
+        rank=rank,
+        world_size=world_size,
+        **options,
     )
 
 
-def default_tp() -> int:
+def default_tp(world_size: Optional[int] = None) -> int:
     """Tensor parallelism inside a node: the GPUs of one node (torchrun's LOCAL_WORLD_SIZE).
-    On CPU there is no fast intra-node link to exploit, so every rank does data parallelism."""
+    On CPU, 2 when it divides the world (default: the process group's size, else 1), so
+    that the CPU demo runs both dimensions (4 processes: a 2x2 mesh); there is no fast
+    intra-node link that a larger tp would exploit."""
     if device_type() == "cuda":
         return int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))
-    return 1
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+    return 2 if world_size % 2 == 0 else 1
 
 
 def mesh_shape(world_size: int, tp: int, dp_replicate: int = 1, hybrid: Optional[bool] = None) -> dict:
@@ -79,12 +131,12 @@ def build_mesh(
     device: Optional[str] = None,
 ) -> DeviceMesh:
     """The mesh over all ranks of the (already initialised) default process group.
-    tp=None: `default_tp()`; device: "cuda" or "cpu" (default: what this machine has)."""
+    tp=None: `default_tp(world_size)`; device: "cuda" or "cpu" (default: what this machine has)."""
     actual = dist.get_world_size()
     world_size = world_size or actual
     if world_size != actual:
         raise ValueError(f"world size {world_size} was asked for, but the process group has {actual} ranks")
-    shape = mesh_shape(world_size, default_tp() if tp is None else tp, dp_replicate, hybrid)
+    shape = mesh_shape(world_size, default_tp(world_size) if tp is None else tp, dp_replicate, hybrid)
     mesh = init_device_mesh(device or device_type(), tuple(shape.values()), mesh_dim_names=tuple(shape))
     if "dp_replicate" in shape:
         dp_mesh(mesh)  # create the flattened group now, on every rank together

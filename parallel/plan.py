@@ -246,14 +246,13 @@ def tp_collectives(model, cfg: StepConfig, tp: int) -> list:
 
 
 def step_collectives(model, mesh: DeviceMesh, strategy, cfg: StepConfig) -> list:
-    """Every collective of one optimizer step: global token count, grad_accum x (forward +
-    backward), gradient-norm all-reduce."""
+    """Every collective of one optimizer step of train.py: grad_accum x (forward + backward),
+    gradient-norm all-reduce. The step's token count comes from the data loader, which
+    knows the global batch (no collective); the logged loss's dp all-reduce runs only on
+    log steps and is left out."""
     dims = {name: mesh[name].size() for name in mesh.mesh_dim_names}
     labels = group_labels(mesh)
-    dp = dp_mesh(mesh)
     out = []
-    if dp.size() > 1:  # parallel.train_utils.global_token_count
-        out.append(Collective(labels[dp.get_group().group_name], "all_reduce", 8, dp.size()))
     out += fsdp_collectives(group_shards(model, strategy), dims, strategy, cfg)
     out += tp_collectives(model, cfg, dims["tp"])
     world = dist.get_world_size()
@@ -442,19 +441,27 @@ def format_table(results: dict, header: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m parallel.plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help=f"preset: {', '.join(PRESETS)}")
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: gpus per node)")
-    parser.add_argument("--dp-replicate", type=int, default=None, help="HSDP replica groups (default: 2 when dp is even)")
-    parser.add_argument("--seq-len", type=int, default=8192)
-    parser.add_argument("--batch", type=int, default=1, help="sequences per dp rank per micro-step")
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--strategy", default="full", help=f"the one --json reports at top level: {', '.join(STRATEGIES)}")
-    parser.add_argument("--mixed-precision", default="bf16", choices=["bf16", "fp32"])
-    parser.add_argument("--activation-checkpointing", default="full", choices=["none", "full", "selective"])
-    parser.add_argument("--no-sequence-parallel", action="store_true")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--model", required=True, help=f"preset (required): {', '.join(PRESETS)}")
+    parser.add_argument("--nodes", type=int, default=1, help="machines (default: %(default)s)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="processes per machine (default: %(default)s)")
+    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: --gpus-per-node)")
+    parser.add_argument("--dp-replicate", type=int, default=None,
+        help="HSDP replica groups (default: 2 when dp is even, else 1)")
+    parser.add_argument("--seq-len", type=int, default=8192, help="tokens per sequence (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=1,
+        help="sequences per dp rank per micro-step (default: %(default)s)")
+    parser.add_argument("--grad-accum", type=int, default=1,
+        help="micro-steps per optimizer step (default: %(default)s)")
+    parser.add_argument("--strategy", default="full",
+        help=f"the one --json reports at top level: {', '.join(STRATEGIES)} (default: %(default)s)")
+    parser.add_argument("--mixed-precision", default="bf16", choices=["bf16", "fp32"],
+        help="compute dtype (default: %(default)s)")
+    parser.add_argument("--activation-checkpointing", default="full", choices=["none", "full", "selective"],
+        help="blocks recomputed in backward (default: %(default)s)")
+    parser.add_argument("--no-sequence-parallel", action="store_true",
+        help="plan without sequence parallelism (default: on when tp > 1)")
+    parser.add_argument("--json", action="store_true",
+        help="print the plan as JSON instead of a table (default: table)")
     opts = parser.parse_args(argv)
     try:
         if opts.model not in PRESETS:

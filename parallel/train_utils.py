@@ -74,6 +74,7 @@ def _norm_of(grads: list) -> torch.Tensor:
     # Each rank sums the squares of its local shards, dividing replicated ones by their
     # replica count so that the sum over all ranks counts each element once; one
     # all-reduce over the world (the model spans every rank) adds the ranks up.
+    # Everything stays a tensor on the device: no step of this waits for the GPU.
     if not grads:
         return torch.zeros((), dtype=torch.float64)
     by_replicas: dict = {}
@@ -86,10 +87,11 @@ def _norm_of(grads: list) -> torch.Tensor:
             by_replicas.setdefault(1, []).append(grad)
     # the sum lives where the collective can run (a GPU for NCCL, even with CPU offload)
     device = grads[0].device if mesh is None else local_device(mesh.device_type)
-    square_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for replicas, tensors in by_replicas.items():
-        norms = torch._foreach_norm(tensors)
-        square_sum += torch.stack([n.to(device, torch.float64) for n in norms]).square().sum() / replicas
+    square_sums = [
+        torch.stack(torch._foreach_norm(tensors)).to(device, torch.float64).square().sum() / replicas
+        for replicas, tensors in by_replicas.items()
+    ]
+    square_sum = torch.stack(square_sums).sum()
     if mesh is not None and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(square_sum)
     return square_sum.sqrt()
@@ -100,13 +102,25 @@ def grad_norm(parameters: Union[nn.Module, Iterable[torch.Tensor]]) -> float:
     return float(_norm_of(_gradients(parameters)))
 
 
-def clip_grad_norm_(parameters: Union[nn.Module, Iterable[torch.Tensor]], max_norm: float, eps: float = 1e-6) -> float:
-    """Scale all gradients so that their global L2 norm is at most `max_norm`; returns the
-    norm before clipping, as torch.nn.utils.clip_grad_norm_ does on one device."""
+def clip_grad_norm_(
+    parameters: Union[nn.Module, Iterable[torch.Tensor]], max_norm: Optional[float], eps: float = 1e-6
+) -> torch.Tensor:
+    """Scale all gradients so that their global L2 norm is at most `max_norm` (None or inf:
+    do not clip); returns the norm before clipping as a 0-dim float64 tensor, as
+    torch.nn.utils.clip_grad_norm_ does on one device. Nothing here waits for the GPU: read
+    the norm (`float(norm)`) only on the steps that log it."""
     grads = _gradients(parameters)
-    total = float(_norm_of(grads))
-    coef = max_norm / (total + eps)
-    if coef < 1.0:
-        with torch.no_grad():
-            torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], coef)
+    total = _norm_of(grads)
+    if max_norm is None or math.isinf(max_norm) or not grads:
+        return total
+    # Multiply by min(1, max_norm / norm) every step, even when it is 1: deciding on the
+    # host whether to clip would wait for the norm, stalling the GPU at every step.
+    coef = (max_norm / (total + eps)).clamp(max=1.0).to(torch.float32)
+    by_device: dict = {}
+    for grad in grads:
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
+        by_device.setdefault(local.device, []).append(local)
+    with torch.no_grad():
+        for device, tensors in by_device.items():
+            torch._foreach_mul_(tensors, coef.to(device))
     return total

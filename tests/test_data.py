@@ -122,7 +122,7 @@ def test_default_corpus_is_a_few_mb_of_stdlib_sources(tmp_path):
 
 def test_windows_are_shifted_pairs_sharing_one_token():
     ds = numbered_windows(num_samples=10, seq_len=4)
-    inputs, targets = ds.get_batch(0, dp_rank=0, dp_size=1, micro_batch=10)
+    inputs, targets, _ = ds.get_batch(0, dp_rank=0, dp_size=1, micro_batch=10)
     assert inputs.dtype == targets.dtype == torch.int64 and inputs.shape == (10, 4)
     assert torch.equal(targets, inputs + 1)
     assert sorted(window_ids(inputs, 4)) == list(range(10)) != window_ids(inputs, 4)  # shuffled
@@ -137,28 +137,42 @@ def test_one_epoch_on_any_dp_size_yields_every_sample_exactly_once(dp_size):
     seen = []
     for _ in range(num_samples // global_batch):
         for loader in loaders:
-            inputs, targets = next(loader)
+            inputs, targets, _ = next(loader)
             assert inputs.shape == (global_batch // dp_size, seq_len) and torch.equal(targets, inputs + 1)
             seen += window_ids(inputs, seq_len)
     assert sorted(seen) == list(range(num_samples))
     assert all(loader.sample == num_samples and loader.epoch == 1 for loader in loaders)
 
 
+def _batches_on_a_2x2_mesh(corpus: str) -> dict:
+    """One rank of train.py's set-up: the ("dp", "tp") mesh, the loader split by this rank's
+    dp coordinate, three batches; with the rank's tp group (ranks of one tp group)."""
+    import torch.distributed as dist
+
+    from parallel.mesh import build_mesh, dp_rank, dp_size
+
+    mesh = build_mesh(tp=2, device="cpu")
+    cache = load_token_cache(corpus, BYTES, quiet=True)
+    loader = DistributedDataLoader(PackedDataset(cache, seq_len=8, seed=7), global_batch=4,
+                                   dp_rank=dp_rank(mesh), dp_size=dp_size(mesh))
+    return {"rank": dist.get_rank(), "tp_group": mesh["tp"].mesh.tolist(),
+            "batches": [[None if t is None else t.tolist() for t in next(loader)] for _ in range(3)]}
+
+
 def test_tensor_parallel_ranks_of_one_dp_group_get_identical_batches(tmp_path):
+    """On a real 2x2 mesh the two ranks of a tp group draw the same batches (every field),
+    and the two tp groups draw different ones."""
+    from parallel.spawn import run_on_ranks
+
     write_corpus(tmp_path)
-    dp_size, tp_size = 2, 2
-    batches = {}
-    for rank in range(dp_size * tp_size):  # every rank opens the cache and builds its own loader
-        dp_rank = rank // tp_size
-        cache = load_token_cache(tmp_path, BYTES, quiet=True)
-        loader = DistributedDataLoader(PackedDataset(cache, seq_len=8, seed=7), global_batch=4,
-                                       dp_rank=dp_rank, dp_size=dp_size)
-        batches[rank] = [next(loader) for _ in range(3)]
-    for rank in range(1, dp_size * tp_size):
-        same_dp_group = rank // tp_size == 0
-        equal = all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-                    for a, b in zip(batches[0], batches[rank]))
-        assert equal == same_dp_group, f"rank {rank}"
+    load_token_cache(tmp_path, BYTES, quiet=True)  # tokenized once, before the ranks read it
+    ranks = run_on_ranks(_batches_on_a_2x2_mesh, 4, str(tmp_path))
+    groups = {tuple(r["tp_group"]) for r in ranks}
+    assert groups == {(0, 1), (2, 3)}  # tp innermost: the tp groups are ranks 0, 1 and 2, 3
+
+    for a in ranks:
+        for b in ranks:
+            assert (a["batches"] == b["batches"]) == (a["tp_group"] == b["tp_group"]), (a["rank"], b["rank"])
 
 
 @pytest.mark.parametrize("before, after", [((2, 2), (3, 1)), ((4, 1), (1, 3)), ((3, 4), (2, 2))])
@@ -199,7 +213,9 @@ def test_batches_iterator_matches_the_loader():
     loader.sample = 6
     it = ds.batches(dp_rank=1, dp_size=3, micro_batch=2, start_sample=6)
     for _ in range(5):
-        assert all(torch.equal(a, b) for a, b in zip(next(it), next(loader)))
+        a, b = next(it), next(loader)
+        assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
+        assert a.document_ids is b.document_ids is None
 
 
 def test_load_state_dict_rejects_another_seq_len_or_seed():

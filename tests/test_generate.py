@@ -9,6 +9,7 @@ import contextlib
 import importlib.resources
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from llama import ModelArgs, Transformer
-from llama.generate import TextStream, generate, main, sample_next
+from llama.generate import TextStream, generate, main, parse_args, sample_next
 from parallel.spawn import run_on_ranks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -227,6 +228,63 @@ def test_cli_generates_with_chat_and_sampling():
     assert code == 0, err
     # bytes: BOS, <header>user</header>\n\n, Hi, <eot>, <header>assistant</header>\n\n
     assert "prompt: 25 tokens" in err and "tokens/s" in err
+
+
+@pytest.fixture(scope="module")
+def byte_checkpoint(tmp_path_factory) -> str:
+    """Fixed weights for the byte tokenizer's 264 ids, so that --seed only seeds the draw
+    (with --preset it also seeds the weights)."""
+    from llama.weights import save_checkpoint
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=264, multiple_of=32, max_seq_len=64)
+    path = tmp_path_factory.mktemp("bytes_model")
+    save_checkpoint(Transformer(args).init_weights(seed=9, std=0.2).state_dict(), args, path)
+    return str(path)
+
+
+_PUSH = TextStream.push
+
+
+def cli_tokens(monkeypatch, checkpoint: str, *flags) -> list:
+    """The token ids the CLI draws (the stream sees each one), from 'Hi' in the chat format."""
+    import llama.generate
+
+    drawn = []
+    monkeypatch.setattr(llama.generate.TextStream, "push", lambda self, token: drawn.append(token) or _PUSH(self, token))
+    code, _, err = cli(["--checkpoint", checkpoint, "--tokenizer", "bytes", "--prompt", "Hi", "--chat",
+                        "--max-new-tokens", "24", *map(str, flags)])
+    assert code == 0, err
+    return drawn
+
+
+def test_cli_temperature_top_p_and_seed_decide_what_is_drawn(monkeypatch, byte_checkpoint):
+    def draw(temperature, top_p, seed):
+        return cli_tokens(monkeypatch, byte_checkpoint, "--temperature", temperature, "--top-p", top_p, "--seed", seed)
+
+    greedy = cli_tokens(monkeypatch, byte_checkpoint)  # the defaults: temperature 0
+    sampled = draw(1.0, 1.0, 2)
+    assert len(greedy) == len(sampled) == 24  # no stop token drawn: the comparisons below see 24 tokens
+    assert draw(1.0, 1.0, 2) == sampled  # the same seed draws the same tokens
+    assert draw(1.0, 1.0, 3) != sampled  # --seed
+    assert draw(0.0, 1.0, 3) == greedy  # temperature 0 is greedy, whatever the seed
+    assert draw(1.0, 1e-6, 3) == greedy  # --top-p near 0 keeps only the most likely token
+    assert draw(1.0, 0.5, 2) != sampled  # --top-p cuts the tail
+    assert draw(0.3, 1.0, 2) != sampled  # --temperature sharpens the distribution
+
+
+def help_entries(text: str) -> dict:
+    """--help's options section: flag -> its whole (wrapped) entry."""
+    entries = re.split(r"\n  (?=-)", text.split("options:", 1)[1])[1:]
+    return {entry.split()[0].rstrip(","): " ".join(entry.split()) for entry in entries}
+
+
+def test_help_gives_every_flag_a_line_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    entries = help_entries(capsys.readouterr().out)
+    assert {"--prompt", "--seed", "--top-p", "--temperature", "--tp"} <= entries.keys()
+    for flag, entry in entries.items():
+        assert flag == "-h" or "(default" in entry or "(required" in entry, entry
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 Tolerances: fp32 everywhere; 1e-5 absolute on logits, loss and gradients."""
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -66,25 +67,47 @@ def test_ffn_hidden_dims_equal_published():
     assert {name: ModelArgs.from_preset(name).ffn_hidden_dim for name in expected} == expected
 
 
-def test_hf_and_meta_configs_read_into_the_same_args(tmp_path):
+# The configs as Meta and Hugging Face publish them for Llama 3.1 8B and 3.2 1B.
+PUBLISHED_CONFIGS = {
+    "3.1-8b": (
+        {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+         "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "vocab_size": 128256, "tie_word_embeddings": False,
+         "max_position_embeddings": 131072,
+         "rope_parameters": {"rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192, "rope_type": "llama3"}},
+        {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
+         "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True},
+    ),
+    "3.2-1b": (
+        {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+         "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "vocab_size": 128256, "tie_word_embeddings": True,
+         "max_position_embeddings": 131072, "rope_theta": 500000.0,
+         "rope_scaling": {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 8192, "rope_type": "llama3"}},
+        {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 256,
+         "ffn_dim_multiplier": 1.5, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True},
+    ),
+}
+
+
+def ffn_as_width(args: ModelArgs) -> ModelArgs:
+    """HF stores the FFN width, Meta the recipe that yields it: compare the width."""
+    return replace(args, ffn_hidden_size=args.ffn_hidden_dim, multiple_of=256, ffn_dim_multiplier=None)
+
+
+@pytest.mark.parametrize("preset", PUBLISHED_CONFIGS)
+def test_hf_and_meta_configs_read_into_the_same_args(tmp_path, preset):
+    """Every field (rope_theta, norm_eps, tie_word_embeddings, max_seq_len, the scaling
+    numbers...) equals the preset, from either reader."""
     import json
 
-    (tmp_path / "config.json").write_text(json.dumps({
-        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "vocab_size": 128256, "tie_word_embeddings": False,
-        "max_position_embeddings": 131072,
-        "rope_parameters": {"rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                            "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    }))
-    (tmp_path / "params.json").write_text(json.dumps({
-        "dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
-        "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True,
-    }))
+    hf_config, meta_params = PUBLISHED_CONFIGS[preset]
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    (tmp_path / "params.json").write_text(json.dumps(meta_params))
     hf, meta = ModelArgs.from_hf_config(tmp_path), ModelArgs.from_meta_params(tmp_path)
-    preset = ModelArgs.from_preset("3.1-8b")
-    assert hf.num_params() == meta.num_params() == preset.num_params()
-    for field in ("rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_context"):
-        assert getattr(hf, field) == getattr(meta, field) == getattr(preset, field)
+    want = ffn_as_width(ModelArgs.from_preset(preset))
+    assert ffn_as_width(hf) == want
+    assert ffn_as_width(meta) == want
 
 
 # ---------------------------------------------------------------- parity with Meta's reference

@@ -110,3 +110,15 @@ def test_bad_input_gets_one_line(capsys, argv, fragment):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("error: ") and fragment in err, err
+
+
+def test_help_gives_every_flag_a_line_with_its_default(capsys):
+    import re
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out.split("options:", 1)[1]
+    entries = {e.split()[0].rstrip(","): " ".join(e.split()) for e in re.split(r"\n  (?=-)", text)[1:]}
+    assert {"--nodes", "--json", "--seq-len", "--no-sequence-parallel"} <= entries.keys()
+    for flag, entry in entries.items():
+        assert flag == "-h" or "(default" in entry or "(required" in entry, entry

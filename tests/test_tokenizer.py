@@ -110,10 +110,15 @@ def test_llama3_special_token_table_matches_meta(llama3, meta):
 
 
 def test_long_inputs_are_cut_where_meta_cuts_them(meta):
+    """Meta's own limits (from its module, not ours) and Meta's own splitter are the oracle."""
+    from llama_models.llama3.tokenizer import MAX_NO_WHITESPACES_CHARS, TIKTOKEN_MAX_ENCODE_CHARS
+
+    assert (TIKTOKEN_MAX_CHARS, TIKTOKEN_MAX_RUN) == (TIKTOKEN_MAX_ENCODE_CHARS, MAX_NO_WHITESPACES_CHARS)
+
     def meta_pieces(s):
-        return [piece for i in range(0, len(s), TIKTOKEN_MAX_CHARS)
-                for piece in meta._split_whitespaces_or_nonwhitespaces(s[i:i + TIKTOKEN_MAX_CHARS],
-                                                                       TIKTOKEN_MAX_RUN)]
+        return [piece for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS)
+                for piece in meta._split_whitespaces_or_nonwhitespaces(s[i:i + TIKTOKEN_MAX_ENCODE_CHARS],
+                                                                       MAX_NO_WHITESPACES_CHARS)]
     cases = ["", "short text", "a" * 25_000, "a" * 25_001, "a" * 50_001, " " * 75_000 + "b" * 25_001,
              "x" * 399_990 + " " * 30_000 + "y" * 40_000, "word " * 100_000, "é\u3000" * 20_000 + "\u3000" * 26_000]
     for s in cases:

@@ -1,0 +1,225 @@
+"""Fine-tuning: exact loss normalisation and validation on any mesh, and an end-to-end
+chat SFT run whose model answers prompts it never saw.
+
+Tolerances: fp32; 1e-5 on losses and parameters."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama import ModelArgs, Transformer
+from llama.chat import ChatDataset, load_conversation_cache
+from llama.data import DistributedDataLoader, eval_batches, split_documents
+from llama.tokenizer import ByteTokenizer
+from parallel.spawn import run_on_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-5
+ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16, max_seq_len=64)
+SEQ, GLOBAL_BATCH, GRAD_ACCUM, STEPS = 48, 8, 2, 2
+MESHES = [(1, 4), (2, 2), (4, 1)]  # dp x tp
+
+
+def write_chats(path: Path, n: int, seed: int) -> Path:
+    """Conversations of uneven length and uneven trained share: 1-3 turns, long and short
+    prompts and answers, sometimes a system turn."""
+    rng = random.Random(seed)
+
+    def text(lo, hi):
+        return "".join(rng.choice("abcdefghij klmnop") for _ in range(rng.randint(lo, hi))).strip() or "x"
+
+    with open(path, "w") as f:
+        for i in range(n):
+            messages = [{"role": "system", "content": text(3, 12)}] if i % 4 == 0 else []
+            for _ in range(rng.randint(1, 3)):
+                messages += [{"role": "user", "content": text(1, 20)}, {"role": "assistant", "content": text(1, 8)}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def datasets(data: Path, cache_dir: Path):
+    cache = load_conversation_cache(data, ByteTokenizer(), cache_dir, quiet=True)
+    train_docs, val_docs = split_documents(cache.num_docs, 0.25, seed=0)
+    return ChatDataset(cache, SEQ, seed=0, documents=train_docs), ChatDataset(cache, SEQ, seed=0, documents=val_docs)
+
+
+def _mesh_worker(data: Path, cache_dir: Path) -> list:
+    import train
+    from parallel.fsdp import build_parallel_model
+    from parallel.mesh import build_mesh, dp_rank, dp_size, local_device
+    from parallel.train_utils import sum_over_dp
+
+    opts = SimpleNamespace(weight_decay=0.1, decay_norms_and_embeddings=False)
+    out = []
+    for dp, tp in MESHES:
+        mesh = build_mesh(tp)
+        train_set, val_set = datasets(data, cache_dir)
+        loader = DistributedDataLoader(
+            train_set, global_batch=GLOBAL_BATCH, dp_rank=dp_rank(mesh), dp_size=dp_size(mesh), grad_accum=GRAD_ACCUM
+        )
+        validation = list(eval_batches(val_set, 1, GLOBAL_BATCH, dp_rank(mesh), dp_size(mesh), loader.micro_batch))
+        model = build_parallel_model(ARGS, mesh, sequence_parallel=tp > 1, seed=0)
+        optimizer = torch.optim.AdamW(train.param_groups(model, opts), lr=1e-3, betas=(0.9, 0.95))
+        device = local_device()
+        # this rank's share of the first step's targets: uneven across ranks by design
+        first = dp_rank(mesh) * loader.micro_batch
+        per_micro = loader.micro_batch * dp_size(mesh)
+        my_targets = sum(
+            train_set.num_targets(m * per_micro + first + j) for m in range(GRAD_ACCUM) for j in range(loader.micro_batch)
+        )
+        val_loss = train.evaluate(model, validation, device, mesh)
+        losses = []
+        for _ in range(STEPS):
+            share, _ = train.train_step(model, optimizer, loader, device, clip=1.0)
+            losses.append(sum_over_dp(share.item(), mesh))
+        # numpy: tensors sent back through the queue would live in this process's shared memory
+        params = {n: p.detach().full_tensor().numpy().copy() for n, p in model.named_parameters()}
+        out.append({"mesh": (dp, tp), "val_loss": val_loss, "losses": losses, "params": params, "targets": my_targets})
+    return out
+
+
+def oracle(train_set, val_set) -> dict:
+    """One device, the whole global batch at once, F.cross_entropy's mean over the targets
+    that are not ignored: what every mesh must report."""
+    model = Transformer(ARGS).init_weights(seed=0)
+
+    def mean_loss(batch):
+        logits = model(batch.inputs, document_ids=batch.document_ids)
+        return F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100).item()
+
+    with torch.no_grad():
+        step1 = mean_loss(train_set.get_batch(0, 0, 1, GLOBAL_BATCH))
+        val = mean_loss(val_set.get_batch(0, 0, 1, GLOBAL_BATCH))
+    return {"step1": step1, "val": val}
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    data = write_chats(root / "chats.jsonl", 120, seed=1)
+    train_set, val_set = datasets(data, root / "cache")  # built here once, opened by every rank
+    results = run_on_ranks(_mesh_worker, 4, data, root / "cache")
+    return results, oracle(train_set, val_set)
+
+
+def test_step_loss_is_the_mean_over_unmasked_targets_on_any_mesh_with_uneven_masks(mesh_runs):
+    results, expected = mesh_runs
+    for run in results[0]:
+        assert abs(run["losses"][0] - expected["step1"]) <= TOL, f"{run['mesh']}: {run['losses'][0]} vs {expected['step1']}"
+    # the masks really are uneven: on 4x1 the four dp ranks hold different numbers of targets
+    on_4x1 = [rank_runs[MESHES.index((4, 1))]["targets"] for rank_runs in results]
+    assert len(set(on_4x1)) > 1, on_4x1
+
+
+def test_parameters_after_steps_with_accumulation_are_equal_on_1x4_2x2_and_4x1(mesh_runs):
+    results, _ = mesh_runs
+    runs = results[0]
+    reference = runs[0]
+    assert set(reference["params"]) == {n for n, _ in Transformer(ARGS).named_parameters()}
+    for run in runs[1:]:
+        for i, (a, b) in enumerate(zip(run["losses"], reference["losses"])):
+            assert abs(a - b) <= TOL, f"{run['mesh']} step {i + 1}: loss {a} vs {b} on {reference['mesh']}"
+        worst = max(float(abs(run["params"][n] - p).max()) for n, p in reference["params"].items())
+        assert worst <= TOL, f"{run['mesh']}: a parameter differs by {worst:.3g} from {reference['mesh']}"
+
+
+def test_validation_loss_is_equal_on_1x4_2x2_and_4x1(mesh_runs):
+    results, expected = mesh_runs
+    for rank_runs in results:
+        for run in rank_runs:
+            assert abs(run["val_loss"] - expected["val"]) <= TOL, f"{run['mesh']}: {run['val_loss']} vs {expected['val']}"
+
+
+# ---------------------------------------------------------------- end to end
+
+LETTERS = "abcdefgh"  # 4096 words: 2000 conversations leave most of them unseen
+
+
+def shout_chats(path: Path, n: int, seed: int) -> set:
+    """The task: the user says a 4-letter word, the assistant repeats it in capitals; one or
+    two such exchanges per conversation. A character-level rule a 3M-parameter model can
+    learn in a few hundred steps and apply to words it never saw. Returns the words used."""
+    rng = random.Random(seed)
+    words = set()
+    with open(path, "w") as f:
+        for _ in range(n):
+            messages = []
+            for _ in range(rng.choice([1, 1, 2])):
+                word = "".join(rng.choice(LETTERS) for _ in range(4))
+                words.add(word)
+                messages += [{"role": "user", "content": word}, {"role": "assistant", "content": word.upper()}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return words
+
+
+def torchrun(*args, nproc: int = 1, threads: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", "localhost:0", str(ROOT / "train.py"), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+
+
+def test_chat_sft_learns_a_rule_that_answers_held_out_prompts(tmp_path):
+    from llama.generate import generate
+    from llama.weights import load_model
+
+    seen = shout_chats(tmp_path / "shout.jsonl", 2000, seed=0)
+    rng = random.Random(1)
+    held_out = []
+    while len(held_out) < 16:
+        word = "".join(rng.choice(LETTERS) for _ in range(4))
+        if word not in seen and word not in held_out:
+            held_out.append(word)
+
+    steps = 200
+    run = torchrun(
+        "--data", tmp_path / "shout.jsonl", "--val-fraction", 0.05, "--seq-len", 64, "--micro-batch", 8,
+        "--steps", steps, "--warmup", 20, "--log-every", 50, "--eval-every", 50, "--save-every", 0,
+        "--save-dir", tmp_path / "run",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "packing efficiency" in run.stdout and "0 conversations truncated" in run.stdout, run.stdout
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    assert [s for s, _ in val] == list(range(0, steps + 1, 50))  # before step 1, every 50, at the end
+    assert val[-1][1] < 0.05 * val[0][1], f"validation loss did not fall enough: {val}"
+
+    checkpoint = tmp_path / "run" / f"step_{steps:08d}"
+    tokenizer = ByteTokenizer()
+    model = load_model(checkpoint).eval()
+    answers = {}
+    for word in held_out:
+        prompt = tokenizer.encode_dialog([{"role": "user", "content": word}])
+        answers[word] = tokenizer.decode(generate(model, prompt, 8, stop_tokens=tokenizer.stop_tokens))
+    right = sum(answers[w] == w.upper() for w in held_out)
+    assert right >= 14, f"{right}/16 held-out prompts answered right: {answers}"
+
+    # the command line: a training checkpoint, --chat, and a stop at <|eot_id|>
+    cli = subprocess.run(
+        [sys.executable, "-m", "llama.generate", "--checkpoint", str(checkpoint), "--tokenizer", "bytes", "--chat",
+         "--prompt", held_out[0], "--max-new-tokens", "32"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout == answers[held_out[0]] + "\n"  # nothing after the reply: it stopped
+    assert "decode: 4 tokens" in cli.stderr  # 4 letters of the 32 allowed: <|eot_id|> ended it
+
+
+def test_bad_chat_line_stops_train_py_with_one_line_naming_file_and_line(tmp_path):
+    data = tmp_path / "chats.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "HI"}]}
+    bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "HI"}]}
+    data.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    run = torchrun("--data", data, "--steps", 1, "--save-dir", tmp_path / "run", "--seq-len", 32)
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(errors) == 1 and f"{data}:2" in errors[0] and "'bot'" in errors[0], run.stderr[-2000:]

@@ -1,0 +1,131 @@
+"""RoPE in real arithmetic: the same rotation as Meta's complex form, per-token tables for
+per-document positions, and a transformer block that torch.compile traces in one graph."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from llama.config import PRESETS
+from llama.model import TransformerBlock
+from llama.rope import apply_rope, rope_table
+
+ARGS = dataclasses.replace(PRESETS["debug"], max_seq_len=64)  # head_dim 32, llama3 scaling on
+TOL = 1e-6
+
+
+def complex_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The formula this module used before: one complex multiply per pair (the oracle)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    rotation = torch.complex(cos, sin)[:, None, :]
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+
+
+def rotated_with_grad(rope, x, cos, sin, grad_out):
+    x = x.detach().requires_grad_()
+    out = rope(x, cos, sin)
+    out.backward(grad_out)
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_real_rope_equals_the_complex_formula_forward_and_backward(dtype):
+    torch.manual_seed(0)
+    cos, sin = rope_table(ARGS, 48)
+    x = torch.randn(3, 48, 4, ARGS.head_dim).to(dtype)
+    grad_out = torch.randn(x.shape).to(dtype)
+    out, grad = rotated_with_grad(apply_rope, x, cos, sin, grad_out)
+    want, want_grad = rotated_with_grad(complex_rope, x, cos, sin, grad_out)
+    assert out.dtype == dtype and grad.dtype == dtype
+    # bf16: both compute in fp32 and round once; a last-bit difference may round apart
+    rtol = 0 if dtype == torch.float32 else 2**-8
+    torch.testing.assert_close(out, want, rtol=rtol, atol=TOL)
+    torch.testing.assert_close(grad, want_grad, rtol=rtol, atol=TOL)
+
+
+def test_real_rope_equals_meta_reference_apply_rotary_emb():
+    model = pytest.importorskip("llama_models.llama3.model")
+    torch.manual_seed(1)
+    seq = 40
+    # Meta's scaling hard-codes factor 8, low 1, high 4, context 8192
+    args = dataclasses.replace(ARGS, rope_original_context=8192)
+    cos, sin = rope_table(args, seq)
+    freqs_cis = model.precompute_freqs_cis(args.head_dim, seq, args.rope_theta, use_scaled=True)
+    xq, xk = torch.randn(2, seq, 4, args.head_dim), torch.randn(2, seq, 2, args.head_dim)
+    want_q, want_k = model.apply_rotary_emb(xq, xk, freqs_cis)
+    torch.testing.assert_close(apply_rope(xq, cos, sin), want_q, rtol=0, atol=TOL)
+    torch.testing.assert_close(apply_rope(xk, cos, sin), want_k, rtol=0, atol=TOL)
+
+
+def test_per_token_tables_rotate_each_sequence_by_its_own_positions():
+    # positions restart per document: gathering rows of the table gives (batch, seq, head_dim / 2)
+    torch.manual_seed(2)
+    cos, sin = rope_table(ARGS, 32)
+    positions = torch.tensor([list(range(10)) + list(range(6)), list(range(16))])
+    x = torch.randn(2, 16, 3, ARGS.head_dim)
+    out = apply_rope(x, cos[positions], sin[positions])
+    for b in range(2):
+        want = complex_rope(x[b : b + 1], cos[positions[b]], sin[positions[b]])
+        torch.testing.assert_close(out[b : b + 1], want, rtol=0, atol=TOL)
+
+
+def test_rotation_preserves_pair_norms_and_leaves_position_zero_alone():
+    torch.manual_seed(3)
+    cos, sin = rope_table(ARGS, 8)
+    x = torch.randn(1, 8, 2, ARGS.head_dim)
+    out = apply_rope(x, cos, sin)
+    torch.testing.assert_close(out[:, 0], x[:, 0], rtol=0, atol=0)
+    pair_norm = lambda t: t.unflatten(-1, (-1, 2)).norm(dim=-1)  # noqa: E731
+    torch.testing.assert_close(pair_norm(out), pair_norm(x), rtol=1e-6, atol=1e-6)
+
+
+class Dtypes(TorchDispatchMode):
+    """The dtypes of every tensor an op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outputs = out if isinstance(out, (tuple, list)) else [out]
+        self.seen |= {t.dtype for t in outputs if isinstance(t, torch.Tensor)}
+        return out
+
+
+def test_no_complex_tensor_is_made_forward_or_backward():
+    # inductor cannot fuse complex ops (dynamo traces them without a graph break, so the
+    # graph-break count alone does not catch them)
+    cos, sin = rope_table(ARGS, 16)
+    x = torch.randn(2, 16, 4, ARGS.head_dim, requires_grad=True)
+    with Dtypes() as dtypes:
+        apply_rope(x, cos, sin).sum().backward()
+    assert not any(dtype.is_complex for dtype in dtypes.seen), dtypes.seen
+
+
+def test_compiled_rope_matches_eager_in_one_graph_forward_and_backward():
+    torch.manual_seed(4)
+    cos, sin = rope_table(ARGS, 16)
+    x, grad_out = torch.randn(2, 16, 4, ARGS.head_dim), torch.randn(2, 16, 4, ARGS.head_dim)
+    compiled = torch.compile(apply_rope, backend="aot_eager", fullgraph=True)
+    out, grad = rotated_with_grad(compiled, x, cos, sin, grad_out)
+    want, want_grad = rotated_with_grad(apply_rope, x, cos, sin, grad_out)
+    torch.testing.assert_close(out, want, rtol=0, atol=TOL)
+    torch.testing.assert_close(grad, want_grad, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["shared-positions", "per-document-positions"])
+def test_a_transformer_block_compiles_without_graph_breaks(per_token):
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    block = TransformerBlock(0, ARGS)
+    for param in block.parameters():
+        torch.nn.init.normal_(param, std=0.02)
+    cos, sin = rope_table(ARGS, 16)
+    if per_token:
+        positions = torch.tensor([list(range(9)) + list(range(7))] * 2)
+        cos, sin = cos[positions], sin[positions]
+    explained = torch._dynamo.explain(block)(torch.randn(2, 16, ARGS.dim), cos, sin)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
