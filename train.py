@@ -72,7 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--activation-checkpointing", default="none", choices=("none", "full", "selective"),
                    help="recompute activations in backward: every block, or every other one (default: %(default)s)")
     a.add_argument("--compile", action="store_true", help="torch.compile each transformer block (default: off)")
-    a.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: bf16 compute, fp32 master weights and reduce (default: %(default)s)")
+    a.add_argument("--dtype", choices=("fp32", "bf16"),
+                   help="bf16: bf16 compute, fp32 master weights and reduce; fp32 uses TF32 matmuls on CUDA "
+                        "(default: bf16 on CUDA, fp32 on CPU)")
     a = p.add_argument_group("batch")
     a.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: %(default)s)")
     a.add_argument("--micro-batch", type=int, default=4, help="sequences per dp rank per micro-step (default: %(default)s)")
@@ -198,21 +200,54 @@ def load_checkpoint(path: Path, model, optimizer, loader, rank: int) -> int:
 
 def train_step(model, optimizer, loader: DistributedDataLoader, device, clip: float):
     """One optimizer step over the loader's next global batch. Returns this rank's share of
-    the step's mean loss (the shares add up over dp ranks) and the gradient norm."""
+    the step's mean loss (the shares add up over dp ranks) and the gradient norm, both as
+    device tensors: nothing here waits for the device, so read them only on log steps."""
     loss_sum = torch.zeros((), device=device)
     # the targets that count in this step, over every dp rank and micro-step: each rank's
     # summed loss over them is its share of the step's mean, whatever the mesh
     step_targets = max(loader.step_target_tokens(), 1)
-    for _ in range(loader.grad_accum):
-        batch = next(loader)
-        logits = model(batch.inputs.to(device), document_ids=_to(batch.document_ids, device))
-        loss = vocab_parallel_cross_entropy(logits, batch.targets.to(device), reduction="sum") / step_targets
+    batch = to_device(next(loader), device)
+    for micro in range(loader.grad_accum):
+        logits = model(batch.inputs, document_ids=batch.document_ids)
+        loss = vocab_parallel_cross_entropy(logits, batch.targets, reduction="sum") / step_targets
+        # one batch of prefetch: the host builds and queues the next micro-batch while the
+        # device runs this forward. Not across steps, so that the loader's position at a
+        # step boundary (checkpoints, step_target_tokens) is exact; the host runs ahead
+        # into the next step anyway, as a step that does not log never waits for the device.
+        last = micro + 1 == loader.grad_accum
+        upcoming = None if last else to_device(next(loader), device)
         loss.backward()
         loss_sum += loss.detach()
+        batch = upcoming
     grad_norm = clip_grad_norm_(model, clip if clip > 0 else None)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
+
+
+def to_device(batch: Batch, device) -> Batch:
+    """The batch's tensors on `device`, copied without blocking the host: from pinned
+    memory on CUDA (a copy from pageable memory makes the host wait for it)."""
+    device = torch.device(device)
+
+    def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if t is None or t.device == device:
+            return t
+        if device.type == "cuda":
+            t = t.pin_memory()  # the caching host allocator keeps it alive until the copy ends
+        return t.to(device, non_blocking=True)
+
+    return Batch(*(move(t) for t in batch))
+
+
+def build_optimizer(model, opts, device) -> torch.optim.Optimizer:
+    """AdamW with one kernel per step on CUDA (fused), whose step counters live on the
+    device. Elsewhere foreach, whose step counters live in host memory: it reads them with
+    .item(), which on CUDA would still be a host read, never a device sync."""
+    fused = torch.device(device).type == "cuda"
+    return torch.optim.AdamW(
+        param_groups(model, opts), lr=opts.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused, foreach=not fused
+    )
 
 
 # ---------------------------------------------------------------- data and validation
@@ -225,7 +260,7 @@ class TrainingData:
     summary: list  # start-up lines about the data
 
 
-def build_data(opts, tokenizer, mesh, global_batch: int) -> TrainingData:
+def build_data(opts, tokenizer, mesh, global_batch: int, vocab_size: Optional[int] = None) -> TrainingData:
     """The training loader and the validation batches. Chat and instruction data are
     packed whole conversations per window; text is cut into stride windows."""
     sources = opts.data or default_corpus_paths()
@@ -252,12 +287,17 @@ def build_data(opts, tokenizer, mesh, global_batch: int) -> TrainingData:
             load(opts.val_data, quiet=False)
     dist.barrier()
     cache = load(sources, quiet=True)
+    if vocab_size is not None:
+        check_token_ids(cache.tokens, vocab_size, f"the token cache of {sources[0]}")
     train_docs = val_set = None
     if opts.val_fraction:
         train_docs, val_docs = split_documents(cache.num_docs, opts.val_fraction, opts.seed)
         val_set = dataset(cache, val_docs)
     elif opts.val_data:
-        val_set = dataset(load(opts.val_data, quiet=True))
+        val_cache = load(opts.val_data, quiet=True)
+        if vocab_size is not None:
+            check_token_ids(val_cache.tokens, vocab_size, f"the token cache of {opts.val_data[0]}")
+        val_set = dataset(val_cache)
     train_set = dataset(cache, train_docs)
     loader = DistributedDataLoader(
         train_set, global_batch=global_batch, dp_rank=dp_rank(mesh), dp_size=dp_size(mesh), grad_accum=opts.grad_accum
@@ -280,8 +320,17 @@ def build_data(opts, tokenizer, mesh, global_batch: int) -> TrainingData:
     return TrainingData(loader, validation, summary)
 
 
-def _to(t: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
-    return None if t is None else t.to(device)
+def check_token_ids(tokens, vocab_size: int, what: str) -> None:
+    """Once at start-up, on the host: the model's forward does not check id values (that
+    would wait for the device every step). Blockwise, so a memmapped cache of any size is
+    read once without a copy in memory."""
+    block = 1 << 26
+    high = max((int(tokens[i : i + block].max()) for i in range(0, len(tokens), block)), default=-1)
+    if high >= vocab_size:
+        raise ValueError(
+            f"{what} holds token id {high} but the model's vocabulary is {vocab_size}: "
+            "use the --tokenizer the --checkpoint was trained with, or delete the stale cache (--cache-dir)"
+        )
 
 
 @torch.no_grad()
@@ -289,9 +338,9 @@ def evaluate(model, batches: list, device, mesh) -> float:
     """Mean loss per target token over the fixed validation batches of every dp rank: the
     same on any mesh, as the set of samples does not depend on it."""
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, targets
-    for batch in batches:
-        logits = model(batch.inputs.to(device), document_ids=_to(batch.document_ids, device))
-        targets = batch.targets.to(device)
+    for batch in map(lambda b: to_device(b, device), batches):
+        logits = model(batch.inputs, document_ids=batch.document_ids)
+        targets = batch.targets
         totals[0] += vocab_parallel_cross_entropy(logits, targets, reduction="sum").double()
         totals[1] += (targets != -100).sum()
     if dp_size(mesh) > 1:
@@ -352,9 +401,11 @@ def train(opts) -> dict:
     mesh = make_mesh(opts)
     rank = dist.get_rank()
     device = local_device()
+    opts.dtype = opts.dtype or default_dtype(device)
     torch.manual_seed(opts.seed)
     peak = opts.peak_tflops
     if device.type == "cuda":
+        enable_tf32()
         warn_if_tp_crosses_nodes(mesh["tp"].size(), gpus_per_node())
         if peak is None:
             peak = _table_peak(opts.dtype)
@@ -368,7 +419,7 @@ def train(opts) -> dict:
         raise ValueError(f"--tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is {args.vocab_size}")
     global_batch = opts.global_batch or opts.micro_batch * dp_size(mesh) * opts.grad_accum
 
-    data = build_data(opts, tokenizer, mesh, global_batch)
+    data = build_data(opts, tokenizer, mesh, global_batch, args.vocab_size)
     loader, validation = data.loader, data.validation
 
     model = build_parallel_model(
@@ -381,7 +432,7 @@ def train(opts) -> dict:
         compile=opts.compile,
         seed=opts.seed,
     )
-    optimizer = torch.optim.AdamW(param_groups(model, opts), lr=opts.lr, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    optimizer = build_optimizer(model, opts, device)
 
     step = 0
     resume_from = complete_checkpoints(save_dir)[-1] if opts.resume and complete_checkpoints(save_dir) else None
@@ -477,6 +528,18 @@ def _drop_metrics_after(path: Path, step: int) -> None:
     if path.is_file():
         rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
         path.write_text("".join(row + "\n" for row in rows))
+
+
+def default_dtype(device: torch.device) -> str:
+    """bf16 where tensor cores and fused attention want it, fp32 on CPU."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def enable_tf32() -> None:
+    """fp32 matmuls and convolutions on tensor cores (TF32: fp32 range, 10-bit mantissa,
+    fp32 accumulation): several times the plain fp32 rate, and what _table_peak assumes."""
+    torch.set_float32_matmul_precision("high")  # sets torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def _table_peak(dtype: str) -> Optional[float]:

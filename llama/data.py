@@ -12,7 +12,7 @@
    every token is a target exactly once per epoch (but the first, and a tail
    shorter than seq_len). Documents run across window boundaries (no padding).
    Windows are visited in a seeded random order, a fresh permutation per epoch
-   (seed + epoch). With `document_masking=True` each batch also carries
+   (`Permutation(num_windows, seed, epoch)`, computed per lookup in O(1) memory). With `document_masking=True` each batch also carries
    window-local document ids (a document cut by the window's start is id 0):
 
        tokens        ... d r a g o n EOS | BOS t h e EOS | BOS a n ...
@@ -214,7 +214,8 @@ class TokenCache:
     """All documents' tokens, back to back, each framed as BOS ... EOS."""
 
     tokens: np.ndarray  # uint32 memmap, read-only
-    doc_offsets: np.ndarray  # int64 [num_docs + 1]: document i is tokens[doc_offsets[i]:doc_offsets[i + 1]]
+    doc_offsets: np.ndarray  # int64 [num_docs + 1] memmap, read-only: document i is
+    #                          tokens[doc_offsets[i]:doc_offsets[i + 1]]
     files: list[Path]  # source files in tokenization order
     path: Path  # the cache's .json description; .tokens.u32 and .docs.npy sit next to it
     hit: bool  # True when loaded from disk without tokenizing
@@ -321,7 +322,9 @@ def _open_cache(meta_path: Path, key: str, files: list[Path]) -> TokenCache | No
     if tokens_path.stat().st_size != 4 * meta["num_tokens"]:
         return None  # truncated by a crash or a full disk: rebuild
     tokens = np.memmap(tokens_path, dtype="<u4", mode="r")
-    doc_offsets = np.load(docs_path)
+    # mapped, not loaded: 8 ranks per node on a 1B-document corpus would otherwise hold
+    # 8 private copies of an 8 GB index; the page cache holds one, shared
+    doc_offsets = np.load(docs_path, mmap_mode="r")
     return TokenCache(tokens, doc_offsets, files, meta_path, hit=True,
                       invalid_utf8=meta.get("invalid_utf8", 0))
 
@@ -426,6 +429,7 @@ def _build_cache(files: list[Path], stats: list, tokenizer: Tokenizer, meta_path
         _log(f"tokenized {len(files)} files, {len(doc_lengths):,} documents, {num_tokens:,} tokens "
              f"in {seconds:.1f}s ({total_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s) -> {tokens_path}")
     tokens = np.memmap(tokens_path, dtype="<u4", mode="r")
+    doc_offsets = np.load(docs_path, mmap_mode="r")  # as a cache hit sees it
     return TokenCache(tokens, doc_offsets, files, meta_path, hit=False, invalid_utf8=invalid_utf8)
 
 
@@ -458,11 +462,60 @@ class Batch(NamedTuple):
 Row = tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]  # one sample's inputs, targets, document ids
 
 
+_MASK64 = (1 << 64) - 1
+
+
+class Permutation:
+    """A seeded pseudo-random permutation of range(n), evaluated one index at a time
+    in O(1) memory, so the order of 10**12 windows costs what the order of 10 does.
+
+    A balanced Feistel network over the smallest even number of bits covering n is a
+    bijection of [0, 4**k) whatever its round function (here splitmix64's finalizer of
+    the right half xor a round key). An index that lands at or past n goes through the
+    network again ("cycle walking") until it lands inside, which keeps the map a
+    bijection of [0, n); the domain is under 4n, so a lookup averages under 4 passes
+    (3-15 us in Python). The round keys come from numpy's SeedSequence of (seed, epoch):
+    every rank derives the same order, and (seed, epoch) pairs do not collide as
+    seed + epoch would.
+    """
+
+    ROUNDS = 6  # 4 already make a good pseudo-random permutation (Luby-Rackoff); 2 more are cheap
+
+    def __init__(self, n: int, seed: int, epoch: int = 0):
+        if n < 1:
+            raise DataError(f"a permutation needs n >= 1, got {n}")
+        self.n = n
+        self.half = max(1, (max(n - 1, 1).bit_length() + 1) // 2)  # bits per Feistel half
+        self.keys = [int(k) for k in np.random.SeedSequence([seed, epoch]).generate_state(self.ROUNDS, np.uint64)]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        if not 0 <= i < self.n:
+            raise IndexError(f"index {i} is outside the permutation of range({self.n})")
+        i = self._encrypt(i)
+        while i >= self.n:
+            i = self._encrypt(i)
+        return i
+
+    def _encrypt(self, x: int) -> int:
+        half, mask = self.half, (1 << self.half) - 1
+        left, right = x >> half, x & mask
+        for key in self.keys:  # the finalizer inlined: this loop is the per-sample cost
+            z = ((right ^ key) + 0x9E3779B97F4A7C15) & _MASK64
+            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+            left, right = right, left ^ ((z ^ (z >> 31)) & mask)
+        return (left << half) | right
+
+
 class WindowDataset(ABC):
     """Windows of seq_len + 1 tokens in a seeded order per epoch: what the loader needs.
 
     Sample g (a global sample index, counting across epochs) is window
-    permutation(seed + epoch)[g % num_samples] of epoch g // num_samples.
+    Permutation(num_samples, seed, epoch)[g % num_samples] of epoch g // num_samples:
+    every window once per epoch, the same order on every rank, in O(1) memory.
     Subclasses set seq_len, seed, name and num_samples and build one window's row.
     """
 
@@ -472,7 +525,7 @@ class WindowDataset(ABC):
     num_samples: int  # windows per epoch
 
     def __init__(self):
-        self._orders: dict[int, np.ndarray] = {}  # epoch -> window permutation
+        self._orders: dict[int, Permutation] = {}  # epoch -> window order
 
     @abstractmethod
     def row(self, window: int) -> Row:
@@ -488,8 +541,8 @@ class WindowDataset(ABC):
         if epoch not in self._orders:
             if len(self._orders) >= 2:  # only the current and next epoch are ever needed
                 self._orders.pop(min(self._orders))
-            self._orders[epoch] = np.random.default_rng(self.seed + epoch).permutation(self.num_samples)
-        return int(self._orders[epoch][i])
+            self._orders[epoch] = Permutation(self.num_samples, self.seed, epoch)
+        return self._orders[epoch][i]
 
     def get_batch(self, first_sample: int, dp_rank: int, dp_size: int, micro_batch: int) -> Batch:
         """dp rank `dp_rank`'s slice of the micro_batch * dp_size samples starting
@@ -542,6 +595,11 @@ def _check_documents(documents, num_docs: int, name: str) -> np.ndarray:
     return documents
 
 
+def _non_decreasing(a: np.ndarray, block: int = 1 << 22) -> bool:
+    """Checked a block at a time: np.diff of a mapped 1B-document index would be an 8 GB copy."""
+    return all((np.diff(a[i:i + block + 1]) >= 0).all() for i in range(0, max(len(a) - 1, 1), block))
+
+
 class PackedDataset(WindowDataset):
     """Pretraining windows: stride seq_len over the token stream of all (or the
     selected) documents, documents running across window boundaries.
@@ -560,8 +618,8 @@ class PackedDataset(WindowDataset):
             doc_offsets = source.doc_offsets
         elif doc_offsets is None:
             doc_offsets = np.array([0, len(self.tokens)])
-        doc_offsets = np.asarray(doc_offsets, dtype=np.int64)
-        if doc_offsets[0] != 0 or doc_offsets[-1] != len(self.tokens) or (np.diff(doc_offsets) < 0).any():
+        doc_offsets = np.asarray(doc_offsets, dtype=np.int64)  # a mapped index stays mapped
+        if doc_offsets[0] != 0 or doc_offsets[-1] != len(self.tokens) or not _non_decreasing(doc_offsets):
             raise DataError(f"{self.name}: doc_offsets must rise from 0 to the token count "
                             f"{len(self.tokens)}, got {doc_offsets[0]}..{doc_offsets[-1]}")
         self.seq_len, self.seed, self.document_masking = seq_len, seed, document_masking
@@ -678,7 +736,7 @@ def split_documents(num_docs: int, fraction: float, seed: int) -> tuple[np.ndarr
     if num_docs < 2 or num_val >= num_docs:
         raise DataError(f"validation fraction {fraction} of {num_docs} documents leaves no document "
                         "to train on; lower the fraction or add documents")
-    # Its own stream: the window orders use seeds seed + epoch.
+    # Its own stream: the window orders use SeedSequence([seed, epoch]).
     order = np.random.default_rng([seed, 0x5EED]).permutation(num_docs)
     return np.sort(order[num_val:]), np.sort(order[:num_val])
 

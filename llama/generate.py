@@ -27,7 +27,16 @@ from torch.distributed.tensor import DTensor
 from .config import PRESETS, ModelArgs
 from .model import Transformer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# train.py's spellings, and torch's names, which earlier versions of this command took
+DTYPES = {
+    "fp32": torch.float32, "bf16": torch.bfloat16,
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+}
+
+
+def default_dtype(device: torch.device) -> str:
+    """bf16 where tensor cores and fused attention want it, fp32 on CPU."""
+    return "bf16" if torch.device(device).type == "cuda" else "fp32"
 
 
 # ---------------------------------------------------------------- sampling
@@ -44,16 +53,22 @@ def last_position_logits(logits: torch.Tensor) -> torch.Tensor:
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
     """Greedy when temperature is 0, else nucleus sampling: draw from the smallest set of
-    most likely tokens whose probability reaches top_p."""
+    most likely tokens whose probability reaches top_p.
+
+    Runs on the logits' device. The draw is one uniform number from a CPU `generator`, a
+    Python float that reaches the device as a kernel argument (inverse-CDF sampling), so
+    every rank and every device type draws alike and no tensor crosses to the device.
+    The one read back is the chosen id, which streaming and stop tokens need anyway."""
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p >= 1.0:
-        return int(torch.multinomial(probs, 1, generator=generator))
-    probs, order = probs.sort(descending=True)
-    mass_before = probs.cumsum(-1) - probs
-    probs[mass_before >= top_p] = 0.0  # the most likely token always survives (top_p > 0)
-    return int(order[torch.multinomial(probs, 1, generator=generator)])
+    probs, order = torch.softmax(logits.float() / temperature, dim=-1).sort(descending=True)
+    if top_p < 1.0:
+        mass_before = probs.cumsum(-1) - probs
+        probs = probs.masked_fill(mass_before >= top_p, 0.0)  # the most likely token always survives
+    cdf = probs.cumsum(-1)
+    u = torch.rand((), generator=generator).item()  # host memory: no device sync
+    pick = torch.searchsorted(cdf, cdf[-1:] * u, right=True).clamp_(max=cdf.shape[0] - 1)
+    return int(order[pick])
 
 
 # ---------------------------------------------------------------- generation
@@ -128,8 +143,9 @@ def generate(
 
     new: list[int] = []
     inputs, start_pos = torch.tensor([prompt_tokens], device=device), 0
+    step_input = torch.empty((1, 1), dtype=torch.long, device=device)  # each decoded token is written here
     while True:
-        logits = last_position_logits(model(inputs, start_pos, cache)).cpu()
+        logits = last_position_logits(model(inputs, start_pos, cache, last_only=True))
         if vocab_limit is not None and vocab_limit < logits.shape[0]:
             logits[vocab_limit:] = float("-inf")
         token = sample_next(logits, temperature, top_p, generator)
@@ -141,7 +157,7 @@ def generate(
         if len(new) == n_new:
             break
         start_pos += inputs.shape[1]
-        inputs = torch.tensor([[token]], device=device)
+        inputs = step_input.fill_(token)  # a fill kernel with the id as its argument: no copy, no new tensor
     return new
 
 
@@ -221,8 +237,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="nucleus sampling: draw from the most likely tokens holding this probability; 1 = all (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
         help="sampling seed, and the weights' seed with --preset (default: %(default)s)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-        help="weights and compute dtype (default: %(default)s)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+        help="weights and compute dtype, as train.py spells it: fp32 or bf16; torch's names also work "
+             "(default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--tp", type=int, default=None,
         help="tensor-parallel size; must equal the number of processes (default: the number of processes)")
     return p.parse_args(argv)
@@ -245,7 +262,7 @@ def setup_tp(tp: Optional[int]):
 def build_model(args: argparse.Namespace, tp_mesh) -> Transformer:
     from parallel.mesh import local_device
 
-    dtype = DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype or default_dtype(local_device())]
     if args.checkpoint:
         from .weights import load_model
 

@@ -36,7 +36,8 @@ from parallel.layers import (
 from torch.distributed.tensor import Replicate
 
 from .config import ModelArgs
-from .masks import DocumentMask, check_document_ids, document_mask, document_positions, masked_attention
+from .masks import (
+    DocumentMask, check_document_ids, document_mask, document_positions, gqa_needs_expanded_kv, masked_attention)
 from .rope import apply_rope, rope_table
 
 
@@ -94,6 +95,14 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(args.dim, kv_dim, tp_mesh, replicated_rows=kv_rows)
         self.wv = ColumnParallelLinear(args.dim, kv_dim, tp_mesh, replicated_rows=kv_rows)
         self.wo = RowParallelLinear(args.n_heads * args.head_dim, args.dim, tp_mesh, sequence_parallel)
+        self._kv_index = None  # kv_for_head on the device, built on first use
+
+    def kv_index(self, device) -> torch.Tensor:
+        """The local kv head of each local query head, as a device tensor: built once, not
+        copied from the host in every layer's forward."""
+        if self._kv_index is None or self._kv_index.device != torch.device(device):
+            self._kv_index = torch.tensor(self.layout.kv_for_head, device=device)
+        return self._kv_index
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0, kv_cache=None,
@@ -118,15 +127,21 @@ class Attention(nn.Module):
                 causal = False
 
         q, k, v = (t.transpose(1, 2) for t in (xq, xk, xv))  # (bsz, heads, seqlen, head_dim)
-        if not self.layout.uniform_groups:
-            index = torch.tensor(self.layout.kv_for_head, device=k.device)
-            k, v = k[:, index], v[:, index]
+        # one kv head per query head where the heads split unevenly, or where SDPA's fused
+        # kernels refuse grouped kv (llama/masks.py); flex attention takes groups as they are
+        sdpa_mask = cache_mask if mask is None else mask.dense
+        expand = not self.layout.uniform_groups or (
+            (mask is None or mask.kernel == "sdpa")
+            and self.layout.n_local_kv_heads < self.layout.n_local_heads
+            and gqa_needs_expanded_kv(q.dtype, q.device, masked=sdpa_mask is not None)
+        )
+        if expand:
+            index = self.kv_index(k.device)
+            k, v = k.index_select(1, index), v.index_select(1, index)
         if mask is not None:
-            out = masked_attention(q, k, v, mask, enable_gqa=self.layout.uniform_groups)
+            out = masked_attention(q, k, v, mask, enable_gqa=not expand)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=cache_mask, is_causal=causal, enable_gqa=self.layout.uniform_groups
-            )
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache_mask, is_causal=causal, enable_gqa=not expand)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -169,6 +184,7 @@ class Transformer(nn.Module):
     `model(tokens, document_ids=ids)` runs packed documents (llama/masks.py): each token
     attends only within its document, and RoPE positions restart at each document.
     `attention_kernel` picks that mask's kernel ("sdpa" or "flex"); None chooses by device.
+    `model(tokens, ..., last_only=True)` returns the last position's logits only.
 
     Build on the meta device and call `init_weights()` (or `llama.load_model`) to
     allocate only this rank's shards."""
@@ -199,8 +215,11 @@ class Transformer(nn.Module):
         cache: Optional[KVCache] = None,
         *,
         document_ids: Optional[torch.Tensor] = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         self.check_tokens(tokens)
+        if last_only and self.sequence_parallel:
+            raise ValueError("last_only needs the whole sequence on each rank; build the model with sequence_parallel=False")
         if cache is not None or start_pos:
             self.check_cache(cache, tokens, start_pos)
         mask = None
@@ -215,6 +234,8 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, start_pos, None if cache is None else (cache.k[i], cache.v[i]), mask)
+        if last_only:  # generation needs the next token only: no (prompt x vocab) logits
+            h = h[:, -1:]
         return self.output(self.norm(h))
 
     def rope_table(self, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,6 +275,9 @@ class Transformer(nn.Module):
             )
 
     def check_tokens(self, tokens: torch.Tensor) -> None:
+        """Shape, dtype and length, which the host knows. Not the ids' values: reading them
+        would wait for the device in every forward. The data pipeline checks its token
+        cache once (train.py) and generation its prompt (llama/generate.py check_request)."""
         if tokens.ndim != 2 or tokens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"tokens must be a (batch, seq) integer tensor, got {tuple(tokens.shape)} {tokens.dtype}")
         seqlen = tokens.shape[1]
@@ -265,10 +289,6 @@ class Transformer(nn.Module):
         tp = tp_size(self.tp_mesh)
         if self.sequence_parallel and seqlen % tp:
             raise ValueError(f"with sequence parallelism the sequence length {seqlen} must be divisible by tp {tp}")
-        low, high = int(tokens.min()), int(tokens.max())
-        if low < 0 or high >= self.args.vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.args.vocab_size})")
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, device=None, std: float = 0.02) -> "Transformer":

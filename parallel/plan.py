@@ -12,21 +12,30 @@ does not divide evenly. From them, per rank and per optimizer step:
   grads         fp32 shards of the same size
   optimizer     AdamW m and v, fp32
   gathered      peak of the unsharded (compute-dtype) parameters FSDP holds at once
+  unsharded grads, reduce-scatter
+                FSDP2's gradient of the block computing (compute dtype, unsharded) and
+                the fp32 reduce-scatter input of the block being reduced
   activations   see `activation_bytes`
+  attention     the fused kernel's backward workspace and the document block mask
+  = allocated   what torch.cuda.max_memory_allocated() should show
+  + slack, CUDA context, NCCL buffers (outside the allocator's count; see the constants)
+  = total       what must fit in the GPU's memory (`--gpu-memory`)
   comm          every collective of a training step, per mesh dimension: count, payload
                 bytes (all-gather: gathered output; reduce-scatter: input; all-reduce:
                 the tensor) and bytes each rank sends on a ring ((n-1)/n of the payload,
                 twice that for an all-reduce)
 
 `CommCounter` records the same quantities from a real run, so tests can hold the
-planner to what actually happens.
+planner to what actually happens. The defaults are train.py's (tests/test_plan.py holds
+them equal), with bf16 because that is train.py's default on CUDA.
 """
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -37,9 +46,28 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from llama.config import PRESETS, ModelArgs
 
 from .fsdp import STRATEGIES, build_parallel_model, checkpointed_blocks, fsdp_groups, get_strategy
+from .layers import CROSS_ENTROPY_CHUNK_BYTES
 from .mesh import build_mesh, dp_mesh, is_hybrid, mesh_shape
 
 GIB = 2**30
+MIB = 2**20
+
+# What the caching allocator does not count. Assumptions, per GPU process:
+# the CUDA context with cuBLAS/cuDNN kernels loaded lazily (CUDA_MODULE_LOADING=LAZY, the
+# default since CUDA 11.7) and cuBLAS's workspaces: nvidia-smi shows 0.5-1 GiB for a
+# PyTorch process on an H100 before its first tensor; we take the top of that range
+CUDA_CONTEXT_BYTES = GIB
+# NCCL's buffers, per communicator this rank belongs to (one per mesh dimension of more
+# than one rank, plus the world's): NCCL_BUFFSIZE (4 MiB) per channel per peer, with up to
+# 32 channels on NVLink/InfiniBand, ring and tree protocols: ~200-300 MiB each is typical
+CUDA_NCCL_BYTES_PER_GROUP = 256 * MIB
+# Fragmentation and rounding of the caching allocator: reserved exceeds the peak allocated
+# by ~5-15% in training loops (torch.cuda.memory_stats: reserved_bytes vs
+# allocated_bytes); we take the top of that range on the allocated peak
+ALLOCATOR_SLACK = 0.15
+# flex attention's block size: a document block mask holds int32 block counts and indices
+# per (sequence, query block, key block), for full and partial blocks, forward and transposed
+FLEX_BLOCK = 128
 
 
 # ---------------------------------------------------------------- collectives
@@ -148,14 +176,24 @@ class CommCounter(TorchDispatchMode):
 # ---------------------------------------------------------------- the model of a step
 
 
+# train.py's defaults, which the planner plans unless told otherwise (bf16: train.py's
+# default on CUDA). tests/test_plan.py holds the two equal.
+DEFAULTS = dict(
+    seq_len=256, batch=4, grad_accum=1, strategy="full", sequence_parallel=False, mixed_precision="bf16",
+    activation_checkpointing="none", document_masking=True,
+)
+
+
 @dataclass(frozen=True)
 class StepConfig:
-    seq_len: int = 8192
-    batch: int = 1  # sequences per dp rank per micro-step
-    grad_accum: int = 1
-    sequence_parallel: bool = True
-    mixed_precision: str = "bf16"
-    activation_checkpointing: str = "full"
+    seq_len: int = DEFAULTS["seq_len"]
+    batch: int = DEFAULTS["batch"]  # sequences per dp rank per micro-step
+    grad_accum: int = DEFAULTS["grad_accum"]
+    sequence_parallel: bool = DEFAULTS["sequence_parallel"]
+    mixed_precision: str = DEFAULTS["mixed_precision"]
+    activation_checkpointing: str = DEFAULTS["activation_checkpointing"]
+    # on CUDA: flex attention with a block mask; off: SDPA's flash kernel, causal only
+    document_masking: bool = DEFAULTS["document_masking"]
 
     @property
     def compute_bytes(self) -> int:
@@ -273,11 +311,11 @@ def activation_bytes(model, cfg: StepConfig, tp: int) -> int:
                   2 region inputs:    2 b B s h          (full-sequence input of the column linears)
                   attention:          b B s (q + 2 kv)   (q, k, v after RoPE)
                                     + 2 b B s q          (output, and its reshaped copy read by wo)
-                                    + 4 B (heads/t) s    (log-sum-exp; flash/efficient kernels keep
-                                                          no s x s scores; CPU's math kernel does)
+                                    + 4 B (heads/t) s    (log-sum-exp: flash and flex kernels keep
+                                                          no s x s scores; see attention_workspace_bytes)
                   MLP:                4 b B s f          (w1 out, silu, w3 out, product)
       checkpointed block:             b B s' h           (its input; one block is recomputed at a time)
-      head:       norm + region input + b B s V/t logits, and the loss's fp32 gradient 4 B s V/t
+      head:       norm + region input + `loss_bytes`
     """
     args = model.args
     layout = model.layers[0].attention.layout
@@ -291,8 +329,42 @@ def activation_bytes(model, cfg: StepConfig, tp: int) -> int:
     block = 2 * norm + 2 * region + attention + 4 * b * B * s * f
     recomputed = len(checkpointed_blocks(args.n_layers, cfg.activation_checkpointing))
     blocks = (args.n_layers - recomputed) * block + recomputed * b * B * s_local * h + (block if recomputed else 0)
-    head = norm + region + (b + 4) * B * s * args.vocab_size // tp
-    return blocks + head
+    return blocks + norm + region + loss_bytes(args, cfg, tp)
+
+
+def loss_bytes(args: ModelArgs, cfg: StepConfig, tp: int) -> int:
+    """Logits and loss at the start of backward, when every activation is still held
+    (T = B s tokens, V/t vocabulary columns on this rank):
+      tp 1: chunked cross-entropy keeps the compute-dtype logits, writes their gradient
+            beside them, and builds fp32 probabilities one chunk at a time: 2 b T V + chunk
+      tp > 1: the vocab-parallel loss keeps fp32 exp(logits - max); its backward builds
+            fp32 probabilities and their compute-dtype cast: (4 + 4 + b) T V/t"""
+    tokens, vocab, b = cfg.batch * cfg.seq_len, args.vocab_size, cfg.compute_bytes
+    if tp == 1:
+        chunk_tokens = min(tokens, max(1, CROSS_ENTROPY_CHUNK_BYTES // (4 * vocab)))
+        return 2 * b * tokens * vocab + 4 * chunk_tokens * vocab
+    return (8 + b) * tokens * vocab // tp
+
+
+def attention_workspace_bytes(model, cfg: StepConfig) -> int:
+    """The fused attention kernels' memory beyond the saved activations. Flash (SDPA, causal)
+    and flex (document-masked) attention never hold s x s scores: their forward saves only the
+    fp32 log-sum-exp (B x heads x s, in activation_bytes). Their backward, one block at a
+    time, accumulates dq in fp32 (4 B s q) beside the fp32 row sums of dO * O (4 B heads s),
+    and under GQA writes dk and dv per query head before summing them per kv head
+    (2 b B s q). A document block mask lives for the whole step: four int32 tensors
+    (block counts and indices, full and partial blocks, forward and transposed) of
+    B x ceil(s / 128)^2."""
+    args = model.args
+    layout = model.layers[0].attention.layout
+    b, B, s = cfg.compute_bytes, cfg.batch, cfg.seq_len
+    q = layout.n_local_heads * args.head_dim
+    workspace = 4 * B * s * q + 4 * B * layout.n_local_heads * s
+    if layout.n_local_heads != layout.n_local_kv_heads:
+        workspace += 2 * b * B * s * q
+    blocks = -(-s // FLEX_BLOCK)
+    mask = 4 * 4 * B * blocks * blocks if cfg.document_masking else 0
+    return workspace + mask
 
 
 def gathered_param_bytes(groups, shard: int, strategy, cfg: StepConfig) -> int:
@@ -307,8 +379,79 @@ def gathered_param_bytes(groups, shard: int, strategy, cfg: StepConfig) -> int:
     return kept + sum(resharded[:2])
 
 
-def plan_strategy(model, mesh: DeviceMesh, strategy_name: str, cfg: StepConfig) -> dict:
-    """The per-rank plan of one strategy for a model built by build_parallel_model."""
+def fsdp_gradient_buffers(groups, shard: int, cfg: StepConfig) -> tuple:
+    """(unsharded gradients, reduce-scatter buffer) at the peak of backward. FSDP2 computes a
+    group's gradients unsharded in the compute dtype (bf16 under mixed precision), then copies
+    them into one reduce-dtype (fp32) buffer of the unsharded size for the reduce-scatter,
+    which overlaps the next group's backward: so one group's unsharded gradients plus one
+    fp32 buffer. The root group (a tied embedding and the final norm) is reduced only when
+    the whole backward ends, so its unsharded gradients stay meanwhile."""
+    unsharded = {name: numel * shard for name, numel, _ in groups}
+    root = unsharded.pop("root", 0)
+    largest = max(unsharded.values(), default=root)
+    return cfg.compute_bytes * (root + largest), 4 * max(largest, root)
+
+
+def communicators(dims: dict) -> int:
+    """NCCL communicators a rank holds: one per mesh dimension of more than one rank, the
+    flattened dp of a hybrid mesh, and the world's (the gradient norm's all-reduce)."""
+    sizes = [n for n in dims.values() if n > 1]
+    world = math.prod(dims.values())
+    count = len(sizes)
+    if dims.get("dp_replicate", 1) > 1 and dims.get("dp_shard", 1) > 1:
+        count += 1
+    if world > 1 and world not in sizes:
+        count += 1
+    return count
+
+
+def memory_bytes(model, groups, shard: int, strategy, cfg: StepConfig, dims: dict) -> dict:
+    """Every memory term of one rank, bytes; `allocated_bytes` is their peak as the caching
+    allocator counts it, `total_bytes` what the GPU must hold."""
+    params = sum(numel for _, numel, _ in groups)
+    unsharded_grads, reduce_scatter = fsdp_gradient_buffers(groups, shard, cfg)
+    allocated = {
+        "param_bytes": params * 4,
+        "grad_bytes": params * 4,
+        "optimizer_bytes": params * 8,
+        "master_bytes": 0,
+        "gathered_param_bytes": gathered_param_bytes(groups, shard, strategy, cfg),
+        "unsharded_grad_bytes": unsharded_grads,
+        "reduce_scatter_bytes": reduce_scatter,
+        "activation_bytes": activation_bytes(model, cfg, dims["tp"]),
+        "attention_workspace_bytes": attention_workspace_bytes(model, cfg),
+    }
+    total = sum(allocated.values())
+    outside = {
+        "allocator_slack_bytes": round(ALLOCATOR_SLACK * total),
+        "cuda_context_bytes": CUDA_CONTEXT_BYTES,
+        "nccl_bytes": CUDA_NCCL_BYTES_PER_GROUP * communicators(dims),
+    }
+    return {**allocated, "allocated_bytes": total, **outside, "total_bytes": total + sum(outside.values())}
+
+
+def largest_micro_batch(model, groups, shard: int, strategy, cfg: StepConfig, dims: dict, gpu_bytes: int) -> int:
+    """The most sequences per micro-step whose total fits in `gpu_bytes`; 0 when one does not.
+    Memory grows with the batch, so double, then bisect."""
+
+    def fits(batch: int) -> bool:
+        return memory_bytes(model, groups, shard, strategy, replace(cfg, batch=batch), dims)["total_bytes"] <= gpu_bytes
+
+    if not fits(1):
+        return 0
+    low = 1
+    while fits(2 * low) and low < 2**20:
+        low *= 2
+    high = 2 * low  # fits(low) and not fits(high)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def plan_strategy(model, mesh: DeviceMesh, strategy_name: str, cfg: StepConfig, gpu_memory: Optional[float] = None) -> dict:
+    """The per-rank plan of one strategy for a model built by build_parallel_model;
+    `gpu_memory` (GiB) adds whether it fits and the largest micro-batch that does."""
     strategy = get_strategy(strategy_name)
     dims = {name: mesh[name].size() for name in mesh.mesh_dim_names}
     groups = group_shards(model, strategy)
@@ -316,20 +459,21 @@ def plan_strategy(model, mesh: DeviceMesh, strategy_name: str, cfg: StepConfig) 
     shard = dims["dp_shard" if strategy.hybrid else "dp"]
     collectives = step_collectives(model, mesh, strategy, cfg)
     comm = summarize(collectives)
-    memory = {
-        "param_bytes": params * 4,
-        "grad_bytes": params * 4,
-        "optimizer_bytes": params * 8,
-        "master_bytes": 0,
-        "gathered_param_bytes": gathered_param_bytes(groups, shard, strategy, cfg),
-        "activation_bytes": activation_bytes(model, cfg, dims["tp"]),
-    }
+    memory = memory_bytes(model, groups, shard, strategy, cfg, dims)
+    fit = {}
+    if gpu_memory is not None:
+        gpu_bytes = round(gpu_memory * GIB)
+        fit = {
+            "gpu_memory_bytes": gpu_bytes,
+            "fits": memory["total_bytes"] <= gpu_bytes,
+            "max_micro_batch": largest_micro_batch(model, groups, shard, strategy, cfg, dims, gpu_bytes),
+        }
     return {
         "strategy": strategy_name,
         "mesh": dims,
         "params_per_rank": params,
         **memory,
-        "total_bytes": sum(memory.values()),
+        **fit,
         "comm": comm,
         "comm_wire_bytes": {dim: sum(op["wire_bytes"] for op in ops.values()) for dim, ops in comm.items()},
     }
@@ -359,10 +503,11 @@ def plan(
     dp_replicate: Optional[int] = None,
     cfg: StepConfig = StepConfig(),
     strategies=tuple(STRATEGIES),
+    gpu_memory: Optional[float] = None,
 ) -> dict:
     """{strategy: plan} on a fake world of `world_size` ranks (or the process group this
     process already has). Hybrid strategies use `dp_replicate` replica groups (default:
-    `default_dp_replicate`)."""
+    `default_dp_replicate`). `gpu_memory` (GiB per GPU) adds fits / max_micro_batch."""
     mesh_shape(world_size, tp)  # one clear error before anything is built
     own_world = not dist.is_initialized()
     if own_world:
@@ -389,7 +534,7 @@ def plan(
                 )
                 built[hybrid] = (model, mesh)
             model, mesh = built[hybrid]
-            results[name] = plan_strategy(model, mesh, name, cfg)
+            results[name] = plan_strategy(model, mesh, name, cfg, gpu_memory)
         return results
     finally:
         if own_world:
@@ -412,16 +557,12 @@ def format_table(results: dict, header: str) -> str:
 
     row("mesh", ["x".join(str(v) for v in r["mesh"].values()) for r in results.values()])
     row("params / rank", [f"{r['params_per_rank']:,}" for r in results.values()])
-    for key, label in [
-        ("param_bytes", "params fp32 (GiB)"),
-        ("grad_bytes", "grads fp32 (GiB)"),
-        ("optimizer_bytes", "AdamW m+v fp32 (GiB)"),
-        ("master_bytes", "extra fp32 master (GiB)"),
-        ("gathered_param_bytes", "gathered params peak (GiB)"),
-        ("activation_bytes", "activations (GiB)"),
-        ("total_bytes", "total (GiB)"),
-    ]:
+    for key, label in MEMORY_ROWS:
         row(label, [_gib(r[key]) for r in results.values()])
+    if all("fits" in r for r in results.values()):
+        row(f"fits in {_gib(next(iter(results.values()))['gpu_memory_bytes'])} GiB",
+            ["yes" if r["fits"] else "no" for r in results.values()])
+        row("largest micro-batch that fits", [r["max_micro_batch"] for r in results.values()])
     dims = sorted({d for r in results.values() for d in r["comm"]}, key=["tp", "dp", "dp_shard", "dp_replicate", "world"].index)
     for dim in dims:
         ops = sorted({op for r in results.values() for op in r["comm"].get(dim, {})})
@@ -439,34 +580,64 @@ def format_table(results: dict, header: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m parallel.plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help=f"preset (required): {', '.join(PRESETS)}")
-    parser.add_argument("--nodes", type=int, default=1, help="machines (default: %(default)s)")
-    parser.add_argument("--gpus-per-node", type=int, default=8, help="processes per machine (default: %(default)s)")
-    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: --gpus-per-node)")
-    parser.add_argument("--dp-replicate", type=int, default=None,
+MEMORY_ROWS = [
+    ("param_bytes", "params fp32 (GiB)"),
+    ("grad_bytes", "grads fp32 (GiB)"),
+    ("optimizer_bytes", "AdamW m+v fp32 (GiB)"),
+    ("master_bytes", "extra fp32 master (GiB)"),
+    ("gathered_param_bytes", "gathered params peak (GiB)"),
+    ("unsharded_grad_bytes", "unsharded grads (GiB)"),
+    ("reduce_scatter_bytes", "fp32 reduce-scatter buffer (GiB)"),
+    ("activation_bytes", "activations (GiB)"),
+    ("attention_workspace_bytes", "attention workspace (GiB)"),
+    ("allocated_bytes", "= allocated peak (GiB)"),
+    ("allocator_slack_bytes", "allocator slack (GiB)"),
+    ("cuda_context_bytes", "CUDA context (GiB)"),
+    ("nccl_bytes", "NCCL buffers (GiB)"),
+    ("total_bytes", "= total (GiB)"),
+]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    d = DEFAULTS
+    p = argparse.ArgumentParser(prog="python -m parallel.plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help=f"preset (required): {', '.join(PRESETS)}")
+    p.add_argument("--nodes", type=int, default=1, help="machines (default: %(default)s)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="processes per machine (default: %(default)s)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: --gpus-per-node)")
+    p.add_argument("--dp-replicate", type=int, default=None,
         help="HSDP replica groups (default: 2 when dp is even, else 1)")
-    parser.add_argument("--seq-len", type=int, default=8192, help="tokens per sequence (default: %(default)s)")
-    parser.add_argument("--batch", type=int, default=1,
-        help="sequences per dp rank per micro-step (default: %(default)s)")
-    parser.add_argument("--grad-accum", type=int, default=1,
+    p.add_argument("--seq-len", type=int, default=d["seq_len"], help="tokens per sequence (default: %(default)s, as train.py)")
+    p.add_argument("--micro-batch", "--batch", dest="batch", type=int, default=d["batch"],
+        help="sequences per dp rank per micro-step (default: %(default)s, as train.py)")
+    p.add_argument("--grad-accum", type=int, default=d["grad_accum"],
         help="micro-steps per optimizer step (default: %(default)s)")
-    parser.add_argument("--strategy", default="full",
+    p.add_argument("--strategy", default=d["strategy"],
         help=f"the one --json reports at top level: {', '.join(STRATEGIES)} (default: %(default)s)")
-    parser.add_argument("--mixed-precision", default="bf16", choices=["bf16", "fp32"],
-        help="compute dtype (default: %(default)s)")
-    parser.add_argument("--activation-checkpointing", default="full", choices=["none", "full", "selective"],
+    p.add_argument("--dtype", "--mixed-precision", dest="mixed_precision", default=d["mixed_precision"],
+        choices=["bf16", "fp32"], help="compute dtype (default: %(default)s, train.py's on CUDA)")
+    p.add_argument("--activation-checkpointing", default=d["activation_checkpointing"], choices=["none", "full", "selective"],
         help="blocks recomputed in backward (default: %(default)s)")
-    parser.add_argument("--no-sequence-parallel", action="store_true",
-        help="plan without sequence parallelism (default: on when tp > 1)")
-    parser.add_argument("--json", action="store_true",
+    p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=d["sequence_parallel"],
+        help="split activations along the sequence between blocks when tp > 1 (default: off, as train.py)")
+    p.add_argument("--document-masking", action=argparse.BooleanOptionalAction, default=d["document_masking"],
+        help="attention within documents: flex attention's block mask on CUDA (default: on, as train.py)")
+    p.add_argument("--gpu-memory", type=float, default=None,
+        help="GiB per GPU (an 80 GB H100 reports 79.1): say whether the plan fits, and the largest "
+             "micro-batch that does (default: not asked)")
+    p.add_argument("--json", action="store_true",
         help="print the plan as JSON instead of a table (default: table)")
-    opts = parser.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
     try:
         if opts.model not in PRESETS:
             raise ValueError(f"unknown --model {opts.model!r}; choose one of {', '.join(PRESETS)}")
         get_strategy(opts.strategy)
+        if opts.gpu_memory is not None and opts.gpu_memory <= 0:
+            raise ValueError(f"--gpu-memory {opts.gpu_memory} must be a positive number of GiB, e.g. 79.1 for an H100")
         world = opts.nodes * opts.gpus_per_node
         tp = opts.tp or opts.gpus_per_node
         dp = mesh_shape(world, tp)["dp"]
@@ -475,16 +646,18 @@ def main(argv=None) -> int:
             seq_len=opts.seq_len,
             batch=opts.batch,
             grad_accum=opts.grad_accum,
-            sequence_parallel=not opts.no_sequence_parallel and tp > 1,
+            sequence_parallel=opts.sequence_parallel and tp > 1,
             mixed_precision=opts.mixed_precision,
             activation_checkpointing=opts.activation_checkpointing,
+            document_masking=opts.document_masking,
         )
         args = PRESETS[opts.model]
-        results = plan(args, world, tp, dp_replicate, cfg)
+        results = plan(args, world, tp, dp_replicate, cfg, gpu_memory=opts.gpu_memory)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     tokens = opts.batch * opts.seq_len * dp * opts.grad_accum
+    chosen = results[opts.strategy]
     if opts.json:
         report = {
             "model": opts.model,
@@ -494,20 +667,31 @@ def main(argv=None) -> int:
             "dp_replicate": dp_replicate,
             "tokens_per_step": tokens,
             **{k: v for k, v in vars(cfg).items()},
-            **results[opts.strategy],
+            **chosen,
             "strategies": results,
         }
         print(json.dumps(report, indent=1))
-    else:
-        header = (
-            f"{opts.model} on {opts.nodes} x {opts.gpus_per_node} = {world} ranks, tp {tp}, dp {dp} "
-            f"(hybrid: {dp_replicate} replicas x {dp // dp_replicate}); per rank, per step of {tokens:,} tokens "
-            f"(seq {opts.seq_len}, batch {opts.batch}/dp rank, grad_accum {opts.grad_accum}); "
-            f"{cfg.mixed_precision}, sequence parallel {'on' if cfg.sequence_parallel else 'off'}, "
-            f"activation checkpointing {cfg.activation_checkpointing}"
-        )
-        print(format_table(results, header))
+        return 0
+    header = (
+        f"{opts.model} on {opts.nodes} x {opts.gpus_per_node} = {world} ranks, tp {tp}, dp {dp} "
+        f"(hybrid: {dp_replicate} replicas x {dp // dp_replicate}); per rank, per step of {tokens:,} tokens "
+        f"(seq {opts.seq_len}, micro-batch {opts.batch}/dp rank, grad_accum {opts.grad_accum}); "
+        f"{cfg.mixed_precision}, sequence parallel {'on' if cfg.sequence_parallel else 'off'}, "
+        f"activation checkpointing {cfg.activation_checkpointing}, "
+        f"document masking {'on' if cfg.document_masking else 'off'}"
+    )
+    print(format_table(results, header))
+    if "fits" in chosen:
+        print(fits_line(opts.strategy, chosen))
     return 0
+
+
+def fits_line(strategy: str, result: dict) -> str:
+    verdict = "fits" if result["fits"] else "does not fit"
+    need, have = _gib(result["total_bytes"]), _gib(result["gpu_memory_bytes"])
+    largest = result["max_micro_batch"]
+    most = f"the largest micro-batch that fits is {largest}" if largest else "not even micro-batch 1 fits"
+    return f"{strategy}: {verdict} ({need} of {have} GiB); {most}"
 
 
 if __name__ == "__main__":

@@ -357,20 +357,40 @@ def _load_worker(cases, tokens):
                 diffs[f"tp{tp}"] = (load_model(path, tp_mesh=mesh)(tokens).full_tensor() - reference).abs().max().item()
         results[name] = diffs
 
-    read, real_preadv = [0], os.preadv
+    reads, real_preadv = [], os.preadv
     def counting_preadv(fd, buffers, offset):
         n = real_preadv(fd, buffers, offset)
-        read[0] += n
+        reads.append(n)
         return n
 
-    llama.weights.os.preadv = counting_preadv
-    try:
-        model = load_model(cases["hf"][0], tp_mesh=meshes[4])
-    finally:
-        llama.weights.os.preadv = real_preadv
-    shard_bytes = sum(local_tensor(p).numel() * 4 for p in model.parameters())
-    results["bytes"] = (read[0], shard_bytes)
+    # per run: exactly the shard, one read per row of a column shard; in bands (the
+    # default): a column shard's whole rows from its first run to its last, in one read
+    results["bytes"] = {}
+    for mode, max_hole in (("per run", 0), ("bands", llama.weights.MAX_HOLE_BYTES)):
+        reads.clear()
+        llama.weights.os.preadv, saved = counting_preadv, llama.weights.MAX_HOLE_BYTES
+        llama.weights.MAX_HOLE_BYTES = max_hole
+        try:
+            model = load_model(cases["hf"][0], tp_mesh=meshes[4])
+        finally:
+            llama.weights.os.preadv, llama.weights.MAX_HOLE_BYTES = real_preadv, saved
+        results["bytes"][mode] = (sum(reads), len(reads), _expected_reads(model, mode))
     return results
+
+
+def _expected_reads(model, mode):
+    """(bytes, calls) of loading an fp32 model's shards, from the shards' shapes alone."""
+    from parallel.layers import local_tensor
+
+    nbytes = calls = 0
+    for p in model.parameters():
+        local = local_tensor(p)
+        columns = p.dim() == 2 and local.shape[1] != p.shape[1]
+        if columns and mode == "bands":
+            nbytes, calls = nbytes + ((local.shape[0] - 1) * p.shape[1] + local.shape[1]) * 4, calls + 1
+        else:
+            nbytes, calls = nbytes + local.numel() * 4, calls + (local.shape[0] if columns else 1)
+    return nbytes, calls
 
 
 def test_converted_checkpoints_load_on_any_mesh_like_meta_reference(fx, tmp_path):
@@ -386,8 +406,8 @@ def test_converted_checkpoints_load_on_any_mesh_like_meta_reference(fx, tmp_path
     tokens = torch.randint(0, ARGS.vocab_size, (2, 16), generator=torch.Generator().manual_seed(5))
     results = run_on_ranks(_load_worker, 4, cases, tokens)
     for rank_results in results:
-        read, shard = rank_results.pop("bytes")
-        assert read == shard, f"a rank read {read} bytes of tensors for a {shard}-byte shard"
+        for mode, (read, calls, expected) in rank_results.pop("bytes").items():
+            assert (read, calls) == expected, f"{mode}: a rank read {read} bytes in {calls} calls, not {expected}"
         for name, diffs in rank_results.items():
             assert max(diffs.values()) <= TOL, (name, diffs)
 

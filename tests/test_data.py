@@ -4,6 +4,7 @@ import importlib.resources
 import json
 import os
 import sysconfig
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from llama.data import (
-    DataError, DistributedDataLoader, PackedDataset, default_cache_dir, default_corpus_paths,
+    DataError, DistributedDataLoader, PackedDataset, Permutation, default_cache_dir, default_corpus_paths,
     load_token_cache, micro_batch_size)
 from llama.tokenizer import ByteTokenizer, load_tokenizer
 
@@ -91,6 +92,16 @@ def test_second_load_is_a_cache_hit_and_a_changed_source_invalidates_it(tmp_path
         "The first document, edited.\n", bos=True, eos=True)
     assert load_token_cache(tmp_path, BYTES, quiet=True).hit
     assert not load_token_cache(tmp_path, load_tokenizer(LLAMA3_MODEL), quiet=True).hit  # other tokenizer
+
+
+def test_document_index_is_memory_mapped_and_stays_mapped_in_the_dataset(tmp_path):
+    write_corpus(tmp_path / "data")
+    for hit in (False, True):
+        cache = load_token_cache(tmp_path / "data", BYTES, tmp_path / "cache", quiet=True)
+        assert cache.hit == hit
+        assert isinstance(cache.doc_offsets, np.memmap) and not cache.doc_offsets.flags.writeable
+        dataset = PackedDataset(cache, seq_len=4, document_masking=True)
+        assert np.shares_memory(dataset._cum, cache.doc_offsets)  # not a private copy per rank
 
 
 def test_progress_goes_to_stderr_unless_quiet(tmp_path, capsys):
@@ -205,6 +216,39 @@ def test_resuming_on_another_dp_size_yields_exactly_the_unseen_samples(before, a
         assert sorted(seen) == list(range(num_samples)), f"epoch {epoch}"
     assert [ds.window_index(i) for i in range(num_samples)] != [
         ds.window_index(num_samples + i) for i in range(num_samples)]  # a new order per epoch
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_window_order_is_a_permutation_for_every_small_size(seed):
+    # sizes just below, at and above the powers of 4 the Feistel domain switches at
+    for n in list(range(1, 80)) + [255, 256, 257, 1023, 1024, 1025, 4097]:
+        for epoch in (0, 1):
+            assert sorted(Permutation(n, seed, epoch)[i] for i in range(n)) == list(range(n)), (n, epoch)
+
+
+def test_window_order_of_10e12_windows_answers_lookups_in_constant_memory():
+    n, lookups = 10**12, 20_000
+    samples = np.random.default_rng(0).choice(n, lookups, replace=False).tolist()
+    tracemalloc.start()
+    try:
+        order = Permutation(n, seed=7, epoch=3)
+        windows = [order[i] for i in samples]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 2**20, f"{peak} bytes"  # the list of answers is most of it
+    assert all(0 <= w < n for w in windows) and len(set(windows)) == lookups  # no collisions on the sample
+    assert windows == [Permutation(n, seed=7, epoch=3)[i] for i in samples]  # same on every rank
+    assert windows != [Permutation(n, seed=7, epoch=4)[i] for i in samples]
+    assert windows != [Permutation(n, seed=8, epoch=3)[i] for i in samples]
+
+
+def test_window_order_looks_shuffled():
+    n = 100_000
+    order = np.array([Permutation(n, seed=0, epoch=0)[i] for i in range(n)])
+    assert abs(np.corrcoef(np.arange(n), order)[0, 1]) < 0.02
+    assert abs(np.abs(np.diff(order)).mean() / n - 1 / 3) < 0.01  # a random permutation's mean step
+    assert (np.diff(order) == 1).sum() < 10  # no runs of neighbouring windows (expected: 1)
 
 
 def test_batches_iterator_matches_the_loader():

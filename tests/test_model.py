@@ -240,11 +240,14 @@ def test_unknown_preset_lists_the_valid_ones():
 
 
 @pytest.mark.parametrize("bad_id", [-1, 256])
-def test_token_ids_outside_the_vocabulary_are_refused(bad_id):
+def test_token_ids_outside_the_vocabulary_are_not_read_back_by_the_forward(bad_id):
+    # The forward checks no id values: that would wait for the device in every step. The
+    # token cache is checked once at start-up (train.py, tests/test_sync_free.py) and a
+    # prompt before generation (check_request); on CPU the embedding still bounds-checks.
     model = Transformer(TINY).init_weights()
     tokens = torch.zeros(1, 4, dtype=torch.long)
     tokens[0, 2] = bad_id
-    with pytest.raises(ValueError, match=rf"token id {bad_id} is outside the vocabulary \[0, 256\)"):
+    with pytest.raises(IndexError, match="index out of range"):
         model(tokens)
 
 

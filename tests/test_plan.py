@@ -2,16 +2,20 @@
 405B plan from the command line in seconds, and one clear line for bad input. That its
 numbers equal what a real 2x2 gloo run holds and sends is tested in test_fsdp.py."""
 
+import ctypes
 import json
+import os
 import subprocess
 import sys
 import time
 from dataclasses import replace
 
 import pytest
+import torch
 
 from llama import PRESETS, ModelArgs
-from parallel.plan import StepConfig, main, plan
+from parallel.plan import (
+    ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, CUDA_NCCL_BYTES_PER_GROUP, DEFAULTS, MEMORY_ROWS, StepConfig, main, parse_args, plan)
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, max_seq_len=64)
 L, D, V = ARGS.n_layers, ARGS.dim, ARGS.vocab_size
@@ -119,6 +123,172 @@ def test_help_gives_every_flag_a_line_with_its_default(capsys):
         main(["--help"])
     text = capsys.readouterr().out.split("options:", 1)[1]
     entries = {e.split()[0].rstrip(","): " ".join(e.split()) for e in re.split(r"\n  (?=-)", text)[1:]}
-    assert {"--nodes", "--json", "--seq-len", "--no-sequence-parallel"} <= entries.keys()
+    assert {"--nodes", "--json", "--seq-len", "--sequence-parallel", "--gpu-memory", "--micro-batch"} <= entries.keys()
     for flag, entry in entries.items():
         assert flag == "-h" or "(default" in entry or "(required" in entry, entry
+
+
+# ---------------------------------------------------------------- defaults
+
+
+def test_defaults_are_train_py_defaults():
+    """Planning with no flags plans what `train.py` with no flags runs, in bf16, train.py's
+    default on CUDA."""
+    import train
+
+    opts = train.parse_args([])
+    cfg = StepConfig()
+    assert (cfg.seq_len, cfg.batch, cfg.grad_accum) == (opts.seq_len, opts.micro_batch, opts.grad_accum)
+    assert cfg.sequence_parallel == opts.sequence_parallel
+    assert cfg.activation_checkpointing == opts.activation_checkpointing
+    assert cfg.document_masking == opts.document_masking
+    assert DEFAULTS["strategy"] == opts.strategy
+    assert cfg.mixed_precision == "bf16"
+    planner = parse_args(["--model", "3.2-1b"])
+    assert (planner.seq_len, planner.batch, planner.strategy, planner.sequence_parallel) == (
+        opts.seq_len, opts.micro_batch, opts.strategy, opts.sequence_parallel)
+
+
+# ---------------------------------------------------------------- memory terms
+
+
+def test_fsdp_gradient_buffers_are_one_block_unsharded_plus_its_fp32_reduce_scatter_input():
+    """bf16: the block computing holds its unsharded bf16 gradients while the previous
+    block's fp32 reduce-scatter input is in flight; a tied embedding's gradient (the root
+    group) stays unsharded until backward ends."""
+    bf16 = replace(FP32, mixed_precision="bf16")
+    p = plan(ARGS, 4, tp=1, cfg=bf16, strategies=["full"])["full"]
+    assert BLOCK > max(EMBED, HEAD)
+    assert (p["unsharded_grad_bytes"], p["reduce_scatter_bytes"]) == (2 * BLOCK, 4 * BLOCK)
+    tied = plan(replace(ARGS, tie_word_embeddings=True), 4, tp=1, cfg=bf16, strategies=["full"])["full"]
+    assert tied["unsharded_grad_bytes"] == 2 * (BLOCK + EMBED + D)  # root: embedding + final norm
+    fp32 = plan(ARGS, 4, tp=1, cfg=FP32, strategies=["full"])["full"]
+    assert (fp32["unsharded_grad_bytes"], fp32["reduce_scatter_bytes"]) == (4 * BLOCK, 4 * BLOCK)
+
+
+def test_what_the_allocator_does_not_count_is_added_to_the_total():
+    """2x2: three NCCL communicators (dp, tp, world), one CUDA context, slack on the peak."""
+    p = plan(ARGS, 4, tp=2, cfg=FP32, strategies=["full"])["full"]
+    allocated = sum(p[key] for key, _ in MEMORY_ROWS if key not in OUTSIDE and not key.endswith(("allocated_bytes", "total_bytes")))
+    assert p["allocated_bytes"] == allocated
+    assert p["nccl_bytes"] == 3 * CUDA_NCCL_BYTES_PER_GROUP
+    assert p["cuda_context_bytes"] == CUDA_CONTEXT_BYTES
+    assert p["allocator_slack_bytes"] == round(ALLOCATOR_SLACK * allocated)
+    assert p["total_bytes"] == allocated + sum(p[key] for key in OUTSIDE)
+
+
+OUTSIDE = ("allocator_slack_bytes", "cuda_context_bytes", "nccl_bytes")
+
+
+def test_attention_workspace_is_linear_in_sequence_without_document_masks():
+    """Fused kernels hold no s x s scores: doubling s doubles the workspace. A document
+    block mask adds 4 int32 tensors of batch x ceil(s/128)^2."""
+    cfg = replace(FP32, seq_len=512, document_masking=False)
+    args = replace(ARGS, max_seq_len=1024)
+    work = {s: plan(args, 4, tp=2, cfg=replace(cfg, seq_len=s), strategies=["full"])["full"]["attention_workspace_bytes"]
+            for s in (512, 1024)}
+    assert work[1024] == 2 * work[512]
+    masked = plan(args, 4, tp=2, cfg=replace(cfg, document_masking=True), strategies=["full"])["full"]
+    assert masked["attention_workspace_bytes"] - work[512] == 4 * 4 * cfg.batch * (512 // 128) ** 2
+
+
+def test_gpu_memory_answers_fits_and_the_largest_micro_batch():
+    """The largest micro-batch fits and one more does not; the line and the JSON say so."""
+    cfg = replace(FP32, batch=1, grad_accum=1)
+    one = plan(ARGS, 4, tp=2, cfg=cfg, strategies=["full"])["full"]
+    gib = (one["total_bytes"] + 10.5 * one["activation_bytes"]) / 2**30  # room for ~11 more sequences
+    p = plan(ARGS, 4, tp=2, cfg=cfg, strategies=["full"], gpu_memory=gib)["full"]
+    largest = p["max_micro_batch"]
+    assert p["fits"] and largest > 1
+    at = {b: plan(ARGS, 4, tp=2, cfg=replace(cfg, batch=b), strategies=["full"])["full"]["total_bytes"] for b in (largest, largest + 1)}
+    assert at[largest] <= p["gpu_memory_bytes"] < at[largest + 1]
+    too_small = plan(ARGS, 4, tp=2, cfg=cfg, strategies=["full"], gpu_memory=one["total_bytes"] / 2**30 / 2)["full"]
+    assert not too_small["fits"] and too_small["max_micro_batch"] == 0
+
+
+def test_gpu_memory_on_the_command_line(capsys):
+    argv = ["--model", "3.2-1b", "--nodes", "1", "--gpus-per-node", "1", "--seq-len", "2048"]
+    assert main(argv + ["--gpu-memory", "79.1"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("full: fits (") and "the largest micro-batch that fits is" in last, last
+    assert main(argv + ["--gpu-memory", "8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fits"] is False and report["max_micro_batch"] == 0
+    assert report["gpu_memory_bytes"] == 8 * 2**30
+    assert main(argv + ["--gpu-memory", "0"]) == 2
+    assert "--gpu-memory 0.0 must be a positive number" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- against a real run's memory
+
+# big enough that each rank's params (~33 MB), grads and AdamW states dwarf allocator noise
+RSS_ARGS = ModelArgs(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=8192, multiple_of=256, max_seq_len=64)
+RSS_CFG = StepConfig(seq_len=16, batch=1, sequence_parallel=True, mixed_precision="fp32", activation_checkpointing="none")
+RSS_RTOL = 0.10
+
+
+def resident_bytes() -> int:
+    """This process's resident set, after handing freed heap pages back to the system (so
+    that temporaries freed since the last reading do not count)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def _train_step(args, mesh, cfg) -> dict:
+    """Resident bytes before building, after materialising the model, after its first
+    backward and first AdamW step, and after letting go of gradients, AdamW state, model."""
+    from parallel.fsdp import build_parallel_model
+    from parallel.train_utils import token_loss
+
+    rss = {"before": resident_bytes()}
+    model = build_parallel_model(args, mesh, strategy="full", sequence_parallel=cfg.sequence_parallel)
+    rss["materialised"] = resident_bytes()
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, args.vocab_size, (cfg.batch, cfg.seq_len + 1), generator=gen)
+    token_loss(model(tokens[:, :-1]), tokens[:, 1:], cfg.batch * cfg.seq_len).backward()
+    rss["backward"] = resident_bytes()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt.step()
+    rss["step"] = resident_bytes()
+    opt.zero_grad(set_to_none=True)
+    rss["no grads"] = resident_bytes()
+    opt.state.clear()
+    rss["no optimizer state"] = resident_bytes()
+    return rss
+
+
+def _measure_memory_terms(args, cfg):
+    from parallel.mesh import build_mesh
+
+    mesh = build_mesh(tp=2, device="cpu")
+    # a throwaway step first: thread pools, gloo buffers and lazily loaded code would
+    # otherwise land in the first readings
+    _train_step(replace(args, n_layers=1, dim=64, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32), mesh, cfg)
+    rss = _train_step(args, mesh, cfg)
+    # The first forward and backward leave ~20 MB per rank that stays after the model is
+    # gone (FSDP's and gloo's buffers), so the reading after backward holds more than the
+    # gradients; what freeing the gradients and the AdamW state gives back is theirs alone.
+    return {
+        "param_bytes": rss["materialised"] - rss["before"],
+        "grad_bytes": rss["step"] - rss["no grads"],
+        "optimizer_bytes": rss["no grads"] - rss["no optimizer state"],
+        "optimizer_bytes (first step's growth)": rss["step"] - rss["backward"],
+    }
+
+
+def test_parameter_gradient_and_optimizer_terms_match_resident_memory_of_a_2x2_run():
+    """4 gloo ranks, full, 2x2, fp32: rank 0's resident set grows by the planner's parameter
+    term when the model is materialised and by its AdamW term in the first optimizer step,
+    and shrinks by its gradient and AdamW terms when those are let go; within 10%."""
+    from parallel.spawn import run_on_ranks
+
+    measured = run_on_ranks(_measure_memory_terms, 4, RSS_ARGS, RSS_CFG)[0]
+    planned = plan(RSS_ARGS, 4, tp=2, cfg=RSS_CFG, strategies=["full"])["full"]
+    for key, got in measured.items():
+        key = key.split(" ")[0]
+        print(f"{key}: measured {got:,} planned {planned[key]:,} ({100 * (got / planned[key] - 1):+.1f}%)")
+    for key, got in measured.items():
+        key = key.split(" ")[0]
+        assert got == pytest.approx(planned[key], rel=RSS_RTOL), (key, got, planned[key])

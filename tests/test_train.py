@@ -156,3 +156,17 @@ def test_startup_errors_print_one_line_and_every_rank_exits(data, tmp_path, flag
     errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr.split("train.py: error:")[0][-500:]
+
+
+def test_help_gives_every_flag_a_line_with_its_default(capsys):
+    import re
+
+    import train
+
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out.split("options:", 1)[1]
+    entries = {e.split()[0].rstrip(","): " ".join(e.split()) for e in re.split(r"\n  (?=-)", text)[1:]}
+    assert {"--seq-len", "--activation-checkpointing", "--seed", "--log-every", "--train-on", "--val-fraction"} <= entries.keys()
+    for flag, entry in entries.items():
+        assert flag == "-h" or "(default" in entry, entry
