@@ -338,7 +338,7 @@ def evaluate(model, batches: list, device, mesh) -> float:
     """Mean loss per target token over the fixed validation batches of every dp rank: the
     same on any mesh, as the set of samples does not depend on it."""
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, targets
-    for batch in map(lambda b: to_device(b, device), batches):
+    for batch in (to_device(b, device) for b in batches):
         logits = model(batch.inputs, document_ids=batch.document_ids)
         targets = batch.targets
         totals[0] += vocab_parallel_cross_entropy(logits, targets, reduction="sum").double()

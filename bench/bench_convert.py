@@ -19,7 +19,11 @@ pass/fail:
                fetched from the block device, after evicting the files from the page cache
                with posix_fadvise; page-granular, and a page holding two ranks' columns is
                charged to whichever rank reads it first), both from /proc/self/io. Goal:
-               <= 1.1x the rank's shard.
+               <= 1.1x the rank's shard for row-split tensors. Column-split ones (wo, w2)
+               are read in bands of whole rows (llama/weights.py: few large reads instead
+               of one per row), about tp x their shard from the page cache; storage still
+               serves each byte once per node. Set llama.weights.MAX_HOLE_BYTES = 0 for
+               exact per-row reads.
 
   PYTHONPATH=. python bench/bench_convert.py [--layers 9] [--keep]
 """

@@ -65,7 +65,11 @@ def document_mask(document_ids: torch.Tensor, kernel: Optional[str] = None) -> D
         return (document_ids[b, q_idx] == document_ids[b, kv_idx]) & (q_idx >= kv_idx)
 
     batch, seq = document_ids.shape
-    block = create_block_mask(same_document_causal, B=batch, H=None, Q_LEN=seq, KV_LEN=seq, device=document_ids.device)
+    # compiled on CUDA, the mask is evaluated block by block instead of as one (seq x seq) tensor
+    block = create_block_mask(
+        same_document_causal, B=batch, H=None, Q_LEN=seq, KV_LEN=seq, device=document_ids.device,
+        _compile=document_ids.is_cuda,
+    )
     return DocumentMask(kernel, block=block)
 
 
