@@ -51,9 +51,14 @@ class RMSNorm(nn.Module):
         self.weight = sharded_parameter((dim,), tp_mesh, Replicate())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = local_tensor(self.weight, partial_grad=self.partial_grad)
+        if x.dtype == torch.float32:
+            # same values in fewer passes over x (forward and backward: about a quarter
+            # less time on CPU); other dtypes round the normalised x before the weight
+            return F.rms_norm(x, weight.shape, weight, self.eps)
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * local_tensor(self.weight, partial_grad=self.partial_grad)
+        return normed.type_as(x) * weight
 
 
 @dataclass

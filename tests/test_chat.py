@@ -16,6 +16,7 @@ from llama.data import (
     IGNORE_INDEX, DataError, DistributedDataLoader, PackedDataset, encode_conversation, eval_batches,
     load_token_cache, split_documents)
 from llama.tokenizer import ByteTokenizer, load_tokenizer
+from tests.test_data import assert_one_line_error
 
 LLAMA3_MODEL = Path(str(importlib.resources.files("llama_models") / "llama3" / "tokenizer.model"))
 BYTES = ByteTokenizer()
@@ -28,13 +29,6 @@ DIALOG = [
     {"role": "user", "content": "And 你好 👋 times 3?"},
     {"role": "assistant", "content": " Twelve, roughly.\n\n"},
 ]
-
-
-def assert_one_line_error(error: pytest.ExceptionInfo, *fragments: str) -> None:
-    message = str(error.value)
-    assert isinstance(error.value, ValueError) and "\n" not in message, message
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
 
 
 def conversation(i: int, answer_len: int) -> dict:

@@ -179,7 +179,9 @@ def test_chat_sft_learns_a_rule_that_answers_held_out_prompts(tmp_path):
         if word not in seen and word not in held_out:
             held_out.append(word)
 
-    steps = 200
+    # the loss plateaus near 1.7 until the copying rule clicks, at step 100-250 depending on
+    # rounding (foreach vs fused AdamW moved it by 100 steps): 400 leaves a margin
+    steps = 400
     run = torchrun(
         "--data", tmp_path / "shout.jsonl", "--val-fraction", 0.05, "--seq-len", 64, "--micro-batch", 8,
         "--steps", steps, "--warmup", 20, "--log-every", 50, "--eval-every", 50, "--save-every", 0,

@@ -11,7 +11,7 @@ One exemption, named exactly: AdamW with foreach=True (and capturable=False, fus
 keeps each parameter's `step` counter as a CPU tensor and reads it with `.item()` to
 compute the bias corrections as Python floats. On CUDA that counter stays in host
 memory, so the read costs no device sync; the test checks that the only reads are of
-those counters and that they are CPU tensors. train.py uses fused AdamW on CUDA (counters
+those counters and that they are CPU tensors. train.py uses fused AdamW on CUDA and CPU (counters
 on the device, read by the kernel): that variant is checked with no exemption at all.
 """
 
@@ -121,11 +121,13 @@ def test_the_recorder_sees_into_backward():
     assert len(reads.tensors) == 1
 
 
-def test_train_py_picks_fused_adamw_on_cuda_and_foreach_elsewhere():
+def test_train_py_picks_fused_adamw_on_cuda_and_cpu_and_foreach_elsewhere():
     model = Transformer(UNEVEN).init_weights(seed=0)
     assert train.build_optimizer(model, OPTS, torch.device("cuda")).defaults["fused"] is True
     cpu = train.build_optimizer(model, OPTS, torch.device("cpu")).defaults
-    assert (cpu["fused"], cpu["foreach"]) == (False, True)
+    assert (cpu["fused"], cpu["foreach"]) == (True, False)
+    other = train.build_optimizer(model, OPTS, torch.device("meta")).defaults
+    assert (other["fused"], other["foreach"]) == (False, True)
 
 
 # ---------------------------------------------------------------- tp, FSDP2 and train.train_step

@@ -1,0 +1,158 @@
+"""Training-step efficiency of the plain loop on 4 CPU processes (gloo), 2x2 mesh.
+
+    PYTHONPATH=. python bench/bench_step.py [--steps 6] [--sequence-parallel on,off] [--strategy full,grad_op]
+                                            [--adamw default,fused] [--top 30]
+
+The 2x2 CPU config of DEVELOPERS.md: dim 512, 4 layers, 8 heads / 4 kv heads, vocab
+8192, seq 512, micro-batch 4 per dp rank, fp32. One step = model, vocab-parallel loss,
+backward, AdamW with its defaults. MFU = training FLOPs per token x tokens/s / the
+machine's fp32 matmul peak, measured in the same run on every rank at once (train.py's
+`measure_peak_tflops`, before and after the steps; the ranks' sum). Variants (sequence
+parallelism x FSDP strategy x AdamW default or fused) alternate step by step so that
+drift of the machine's speed hits all alike; each figure is a median. Then one step of
+the fastest variant runs under torch.profiler on rank 0, and its self CPU time is split
+into categories. With 4 processes on 2 cores a rank's wall time includes time it waits
+for a core. Target: MFU >= 75%."""
+
+import argparse
+import itertools
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+
+from llama import ModelArgs
+from parallel.fsdp import build_parallel_model
+from parallel.layers import vocab_parallel_cross_entropy
+from parallel.mesh import build_mesh, dp_rank, dp_size
+from train import measure_peak_tflops
+
+ARGS = ModelArgs(dim=512, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=8192, multiple_of=256, max_seq_len=512)
+
+CATEGORIES = ("matmul", "attention", "collectives/wait", "optimizer", "other")
+MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+COLLECTIVE = ("c10d", "gloo", "wait", "all_gather", "reduce_scatter", "all_reduce", "record_param_comms", "fsdp::")
+
+
+def category(event, parents: set) -> str:
+    if "Optimizer.step" in parents:
+        return "optimizer"
+    name = event.name
+    if name in MATMUL:
+        return "matmul"
+    if "attention" in name:
+        return "attention"
+    if any(key in name for key in COLLECTIVE):
+        return "collectives/wait"
+    return "other"
+
+
+def breakdown(prof) -> tuple[dict, dict]:
+    """Self CPU time (ms) per category, and per op within "other" (where to look next)."""
+    totals, others, ops = defaultdict(float), defaultdict(float), defaultdict(float)
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        parents, parent = set(), event.cpu_parent
+        while parent is not None:
+            parents.add(parent.name.split("#")[0])
+            parent = parent.cpu_parent
+        cat = category(event, parents)
+        totals[cat] += event.self_cpu_time_total / 1000
+        ops[event.name] += event.self_cpu_time_total / 1000
+        if cat == "other":
+            others[event.name] += event.self_cpu_time_total / 1000
+    return totals, others, ops
+
+
+def _bench(opts) -> dict:
+    mesh = build_mesh(2)
+    variants = list(itertools.product(opts.sequence_parallel, opts.strategy, opts.adamw))
+    gen = torch.Generator().manual_seed(dp_rank(mesh))
+    tokens = torch.randint(0, ARGS.vocab_size, (opts.micro_batch, opts.seq_len + 1), generator=gen)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    global_tokens = opts.micro_batch * opts.seq_len * dp_size(mesh)
+
+    steps = {}
+    for sp, strategy, adamw in variants:
+        model = build_parallel_model(ARGS, mesh, strategy=strategy, sequence_parallel=sp == "on")
+        opt = torch.optim.AdamW(model.parameters(), **({"fused": True} if adamw == "fused" else {}))
+
+        def step(model=model, opt=opt):
+            logits = model(inputs)
+            (vocab_parallel_cross_entropy(logits, targets, reduction="sum") / global_tokens).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        steps[(sp, strategy, adamw)] = step
+        step(), step()  # warm-up
+
+    peak = torch.tensor(measure_peak_tflops(torch.device("cpu")))
+    dist.all_reduce(peak)
+    times = defaultdict(list)
+    for _ in range(opts.steps):
+        for variant, step in steps.items():
+            dist.barrier()
+            start = time.perf_counter()
+            step()
+            dist.barrier()
+            times[variant].append(time.perf_counter() - start)
+    # the peak again after the steps: the machine's speed drifts, the mean of both is fairer
+    peak_after = torch.tensor(measure_peak_tflops(torch.device("cpu")))
+    dist.all_reduce(peak_after)
+    medians = {variant: statistics.median(t) for variant, t in times.items()}
+
+    fastest = min(medians, key=medians.get)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        dist.barrier()
+        steps[fastest]()
+        dist.barrier()
+    return {"medians": medians, "peak": (peak.item() + peak_after.item()) / 2, "profile": breakdown(prof)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps of each variant (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=512, help="default: %(default)s")
+    parser.add_argument("--micro-batch", type=int, default=4, help="rows per dp rank (default: %(default)s)")
+    parser.add_argument("--sequence-parallel", default="on,off", help="on, off or both: on,off (default: %(default)s)")
+    parser.add_argument("--strategy", default="full", help="FSDP strategies, comma-separated (default: %(default)s)")
+    parser.add_argument("--adamw", default="default", help="default (the plain loop's), fused (train.py's on "
+                        "CPU) or both: default,fused (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
+    parser.add_argument("--top", type=int, default=0, help="also list the profile's N most costly ops")
+    opts = parser.parse_args()
+    opts.sequence_parallel = opts.sequence_parallel.split(",")
+    opts.strategy = opts.strategy.split(",")
+    opts.adamw = opts.adamw.split(",")
+
+    from parallel.spawn import run_on_ranks
+
+    result = run_on_ranks(_bench, 4, opts, threads=opts.threads)[0]
+    tokens = opts.micro_batch * opts.seq_len * 2
+    flops = ARGS.training_flops_per_token(opts.seq_len)
+    peak = result["peak"]
+    print(f"fp32 matmul peak (4 ranks, same run): {peak:.3f} TFLOP/s")
+    for (sp, strategy, adamw), seconds in result["medians"].items():
+        mfu = flops * tokens / seconds / (peak * 1e12)
+        print(f"sp {sp:3s} fsdp {strategy:8s} adamw {adamw:7s} {1000 * seconds:7.0f} ms/step  {tokens / seconds:6.0f} tok/s  MFU {100 * mfu:5.1f}%")
+    fastest = min(result["medians"], key=result["medians"].get)
+    print(f"fastest: sequence parallel {fastest[0]}, FSDP {fastest[1]}, AdamW {fastest[2]}")
+    totals, others, ops = result["profile"]
+    total = sum(totals.values())
+    print(f"profile of one step, rank 0 (self CPU time, {total:.0f} ms):")
+    for cat in CATEGORIES:
+        print(f"  {cat:18s} {totals[cat]:7.1f} ms  {100 * totals[cat] / total:5.1f}%")
+    print("  top of other: " + ", ".join(f"{n} {t:.1f}" for n, t in sorted(others.items(), key=lambda x: -x[1])[:8]))
+    if opts.top:
+        print("  top ops: " + ", ".join(f"{n} {t:.1f}" for n, t in sorted(ops.items(), key=lambda x: -x[1])[: opts.top]))
+
+
+if __name__ == "__main__":
+    main()
