@@ -12,6 +12,8 @@ from parallel.layers import reduce_partial_gradients, vocab_parallel_cross_entro
 from parallel.spawn import run_on_ranks
 
 TOL = 1e-5
+# the eager flex kernel is the CPU reference here; torch warns that it is not the fast one
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, max_seq_len=32)
 # document lengths of each packed row; a one-token document and a long one included
 ROWS = ([5, 7, 4], [1, 9, 6])
