@@ -19,6 +19,7 @@ directory next to OUT, is verified, and only then renamed to OUT.
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -360,6 +361,21 @@ def parse_token_ids(text: Optional[str], flag: str):
     return ids[0] if len(ids) == 1 else ids
 
 
+def check_meta_flags(source: Source, opts: argparse.Namespace) -> None:
+    """The flags that fill in what a Meta params.json may not say mean nothing for other kinds."""
+    if opts.tie_word_embeddings is not None:
+        flag = "--tie-word-embeddings" if opts.tie_word_embeddings else "--no-tie-word-embeddings"
+    elif opts.rope_scale_factor is not None:
+        flag = "--rope-scale-factor"
+    else:
+        return
+    if source.kind != "meta":
+        raise ValueError(
+            f"{flag}: only for a Meta checkpoint (params.json + consolidated.NN.pth); "
+            f"{source.path} is not one, and its {source.config.name} says this already"
+        )
+
+
 def check_out(src: Path, out: Path, overwrite: bool) -> None:
     if out.resolve() == src.resolve():
         raise ValueError(f"{out}: OUT is the source; write to another directory")
@@ -384,8 +400,14 @@ def convert(opts: argparse.Namespace) -> str:
     dtype = DTYPES[opts.dtype] if opts.dtype else None
     max_shard = parse_size(opts.max_shard_size) if opts.max_shard_size else None
     eos = parse_token_ids(opts.eos_id, "--eos-id")
-    source = open_source(src)
+    factor = opts.rope_scale_factor
+    if factor is not None and not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"--rope-scale-factor {factor:g}: must be a positive number")
+    source = open_source(src, opts.tie_word_embeddings, factor)
+    check_meta_flags(source, opts)
     check_source(source)  # all of the input checked before OUT is touched
+    for note in [] if opts.quiet else source.notes:
+        print(f"convert: {note}", file=sys.stderr)
 
     created = [p for p in reversed(out.absolute().parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -455,6 +477,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--eos-id", metavar="ID[,ID...]",
         help=f"with --to-hf: eos_token_id, one id or comma-separated ids (default: SRC's HF config, else {LLAMA3_EOS})",
+    )
+    parser.add_argument(
+        "--tie-word-embeddings", action=argparse.BooleanOptionalAction,
+        help="Meta SRC: whether the output layer is tied to (is the same matrix as) the embeddings (default: "
+        "params.json's tie_word_embeddings, else the tensors decide: tied when consolidated.00.pth holds no "
+        "output.weight or one equal to tok_embeddings.weight, untied otherwise)",
+    )
+    parser.add_argument(
+        "--rope-scale-factor", type=float, metavar="F",
+        help="Meta SRC with use_scaled_rope: the RoPE scale factor (default: params.json's rope_scale_factor, else "
+        "32 for the Llama 3.2 1B and 3B shapes with tied output, else 8, the factor Meta's reference code uses)",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace OUT if it exists (only once the new one is complete)"

@@ -11,12 +11,10 @@ are torch.distributed.checkpoint directories, written atomically, and resume on 
 mesh (`--resume`)."""
 
 import argparse
-import json
+import datetime
 import math
 import os
 import resource
-import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -27,23 +25,33 @@ import torch
 import torch.distributed as dist
 
 from llama.config import PRESETS, ModelArgs
-from llama.chat import DATA_FORMATS, TRAIN_ON, ChatDataset, is_chat_data, load_conversation_cache
+from llama.chat import (
+    DATA_FORMATS, TRAIN_ON, ChatDataset, is_chat_data, load_conversation_cache, open_conversation_cache)
 from llama.data import (
-    Batch, DistributedDataLoader, PackedDataset, default_corpus_paths, eval_batches, load_token_cache, split_documents)
+    Batch, DistributedDataLoader, PackedDataset, default_corpus_paths, eval_batches, load_token_cache, open_token_cache,
+    split_documents)
+from llama.metrics import MemorySnapshot, MetricsLog, StepProfiler, drop_metrics_after, log_line, parse_step_range
+from llama.run_config import parse_with_config, write_config
 from llama.tokenizer import load_tokenizer
-from llama.weights import read_model_args, write_model_args
+from llama.weights import read_model_args
+from parallel.checkpoint import Checkpointer, checkpoint_name, decide_resume, fault_injection, load_checkpoint
+from parallel.control import control_group, rank0_first
 from parallel.devices import peak_tflops, warn_unknown_device
 from parallel.fsdp import STRATEGIES, build_parallel_model
 from parallel.layers import vocab_parallel_cross_entropy
 from parallel.mesh import (
     build_mesh, dp_mesh, dp_rank, dp_size, gpus_per_node, init_distributed, local_device, warn_if_tp_crosses_nodes)
+from parallel.preemption import PREEMPTED_EXIT_CODE, StopRequests, parse_signals, parse_time_limit
 from parallel.train_utils import clip_grad_norm_, sum_over_dp
 
-CHECKPOINT_PREFIX = "step_"
+NONFINITE_EXIT_CODE = 4  # --max-skips consecutive non-finite steps; the newest checkpoint predates them
+DATA_PREP_TIMEOUT = datetime.timedelta(hours=24)  # how long ranks wait for rank 0 to tokenize
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="TOML file of flags (keys are flag names, e.g. seq-len = 2048); "
+                                    "the command line overrides it (default: none)")
     a = p.add_argument_group("model")
     a.add_argument("--checkpoint", help="converted checkpoint directory (convert_weights.py) to start from (default: random init)")
     a.add_argument("--preset", default="debug", help=f"random-init model when no --checkpoint: {', '.join(PRESETS)} (default: %(default)s)")
@@ -97,10 +105,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--keep", type=int, default=2, help="complete checkpoints to keep (default: %(default)s)")
     a.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --save-dir (default: off)")
     a.add_argument("--log-every", type=int, default=10, help="steps between log lines; step 1 and the last step always log (default: %(default)s)")
+    a.add_argument("--async-checkpoint", action="store_true",
+                   help="copy the shards to CPU memory and write them in the background while training goes on (default: off)")
+    a.add_argument("--max-skips", type=int, default=10,
+                   help="stop after this many consecutive steps with a non-finite loss or grad norm, whose updates "
+                        "are skipped (default: %(default)s)")
     a.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: table on GPU, measured on CPU)")
-    opts = p.parse_args(argv)
+    a.add_argument("--tensorboard", action="store_true", help="also write the logged scalars to SAVE_DIR/tensorboard (default: off)")
+    a.add_argument("--profile-steps", metavar="A:B", help="write a torch profiler trace of steps A to B to SAVE_DIR/profile (default: none)")
+    a.add_argument("--memory-snapshot", action="store_true",
+                   help="CUDA: write the allocator history of the first 3 steps to SAVE_DIR/memory_snapshot_rankR.pickle (default: off)")
+    a = p.add_argument_group("cluster")
+    a.add_argument("--save-on-signal", default="SIGTERM,SIGUSR1",
+                   help=f"on these signals, save at the next step boundary and exit with code {PREEMPTED_EXIT_CODE}; "
+                        "'none' to leave signals alone (default: %(default)s)")
+    a.add_argument("--time-limit", metavar="HH:MM",
+                   help=f"wall-clock budget of this job: save and exit with code {PREEMPTED_EXIT_CODE} while the last step "
+                        "and save still fit (default: none)")
+    a.add_argument("--comm-timeout", type=float, default=30,
+                   help="minutes a collective may wait before the job fails (default: %(default)s)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    opts = parse_with_config(parser, argv)
     if opts.val_data and opts.val_fraction:
-        p.error("--val-data and --val-fraction both choose the validation set; give one")
+        parser.error("--val-data and --val-fraction both choose the validation set; give one")
     return opts
 
 
@@ -127,81 +158,15 @@ def param_groups(model, opts) -> list:
     return [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def _fault_injection(where: str, step: int, rank: int) -> None:
-    """Tests kill one rank with SIGKILL at a chosen point: LLAMA_TP_FAULT="where:step:rank".
-    Only the first attempt dies, so that torchrun's restart can finish the run."""
-    spec = os.environ.get("LLAMA_TP_FAULT")
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    fault_where, fault_step, fault_rank = spec.split(":")
-    if (fault_where, int(fault_step), int(fault_rank)) == (where, step, rank):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def complete_checkpoints(save_dir: Path) -> list:
-    """Finished checkpoint directories, oldest first; a directory is finished once
-    trainer.json is in it, which is written last and renamed into place."""
-    if not save_dir.is_dir():
-        return []
-    found = [d for d in save_dir.glob(f"{CHECKPOINT_PREFIX}*") if d.is_dir() and (d / "trainer.json").is_file()]
-    return sorted(found, key=lambda d: int(d.name[len(CHECKPOINT_PREFIX):]))
-
-
-def save_checkpoint(save_dir: Path, step: int, model, optimizer, loader, opts, rank: int) -> Path:
-    """step_N/: the DCP shards, per-rank RNG, model_args.json (so that convert_weights.py
-    --to-hf can export it), and trainer.json, written last."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    final = save_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
-    partial = save_dir / f".{final.name}.partial"
-    if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-    dist.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(partial))
-    torch.save({"torch": torch.get_rng_state()}, partial / f"rng_rank{rank}.pt")
-    _fault_injection("save", step, rank)
-    dist.barrier()
-    if rank == 0:
-        write_model_args(model.args, partial)
-        trainer = {"step": step, "data": loader.state_dict(), "world_size": dist.get_world_size(), "args": vars(opts)}
-        tmp = partial / "trainer.json.tmp"
-        tmp.write_text(json.dumps(trainer, indent=1))
-        os.replace(tmp, partial / "trainer.json")
-        os.replace(partial, final)  # a crash before this line leaves the last checkpoint intact
-        for old in complete_checkpoints(save_dir)[: -opts.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
-
-
-def load_checkpoint(path: Path, model, optimizer, loader, rank: int) -> int:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    trainer = json.loads((path / "trainer.json").read_text())
-    loader.load_state_dict(trainer["data"])
-    rng = path / f"rng_rank{rank}.pt"
-    if trainer["world_size"] == dist.get_world_size() and rng.is_file():
-        torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
-    return trainer["step"]
-
-
 # ---------------------------------------------------------------- one step
 
 
-def train_step(model, optimizer, loader: DistributedDataLoader, device, clip: float):
+def train_step(model, optimizer, loader: DistributedDataLoader, device, clip: float, poison: bool = False):
     """One optimizer step over the loader's next global batch. Returns this rank's share of
-    the step's mean loss (the shares add up over dp ranks) and the gradient norm, both as
-    device tensors: nothing here waits for the device, so read them only on log steps."""
+    the step's mean loss (the shares add up over dp ranks), the gradient norm, and whether
+    the update was skipped for a non-finite gradient norm (1.0) or not (0.0), all as device
+    tensors: nothing here waits for the device, so read them only on log steps.
+    poison: tests make this rank's loss NaN."""
     loss_sum = torch.zeros((), device=device)
     # the targets that count in this step, over every dp rank and micro-step: each rank's
     # summed loss over them is its share of the step's mean, whatever the mesh
@@ -210,6 +175,8 @@ def train_step(model, optimizer, loader: DistributedDataLoader, device, clip: fl
     for micro in range(loader.grad_accum):
         logits = model(batch.inputs, document_ids=batch.document_ids)
         loss = vocab_parallel_cross_entropy(logits, batch.targets, reduction="sum") / step_targets
+        if poison:
+            loss = loss * float("nan")
         # one batch of prefetch: the host builds and queues the next micro-batch while the
         # device runs this forward. Not across steps, so that the loader's position at a
         # step boundary (checkpoints, step_target_tokens) is exact; the host runs ahead
@@ -220,9 +187,17 @@ def train_step(model, optimizer, loader: DistributedDataLoader, device, clip: fl
         loss_sum += loss.detach()
         batch = upcoming
     grad_norm = clip_grad_norm_(model, clip if clip > 0 else None)
-    optimizer.step()
+    # A non-finite loss on any rank makes the global grad norm non-finite on every rank, so
+    # all ranks skip alike. The fused AdamW skips on the device (found_inf, as under
+    # GradScaler), without a sync; another optimizer has to read the flag.
+    skipped = (~torch.isfinite(grad_norm)).to(torch.float32)
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = skipped
+        optimizer.step()
+    elif not skipped.item():
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm
+    return loss_sum, grad_norm, skipped
 
 
 def to_device(batch: Batch, device) -> Batch:
@@ -267,13 +242,16 @@ def build_data(opts, tokenizer, mesh, global_batch: int, vocab_size: Optional[in
     sources = opts.data or default_corpus_paths()
     chat = is_chat_data(sources, opts.data_format)
 
-    def load(paths, quiet: bool):
+    def load(paths):
         if chat:
             return load_conversation_cache(
                 paths, tokenizer, opts.cache_dir, data_format=opts.data_format, train_on=opts.train_on,
-                skip_bad_lines=opts.skip_bad_lines, quiet=quiet,
+                skip_bad_lines=opts.skip_bad_lines,
             )
-        return load_token_cache(paths, tokenizer, opts.cache_dir, quiet=quiet)
+        return load_token_cache(paths, tokenizer, opts.cache_dir)
+
+    def reopen(path, paths):  # rank 0's cache, without hashing every source file again
+        return open_conversation_cache(path, paths) if chat else open_token_cache(path, paths)
 
     def dataset(cache, documents=None):
         if chat:
@@ -282,22 +260,24 @@ def build_data(opts, tokenizer, mesh, global_batch: int, vocab_size: Optional[in
             cache, opts.seq_len, seed=opts.seed, document_masking=opts.document_masking, documents=documents
         )
 
-    if dist.get_rank() == 0:  # one rank tokenizes; the others read its cache
-        load(sources, quiet=False)
-        if opts.val_data:
-            load(opts.val_data, quiet=False)
-    dist.barrier()
-    cache = load(sources, quiet=True)
+    def tokenize():
+        return [load(paths).path if paths else None for paths in (sources, opts.val_data)]
+
+    # Rank 0 tokenizes (or finds the cache) while the others wait on a gloo group with a
+    # timeout of hours, not the collectives' (python -m llama.data prepare does it ahead
+    # of time); then they open the cache it names.
+    cache_path, val_cache_path = rank0_first(tokenize, DATA_PREP_TIMEOUT)
+    cache = reopen(cache_path, sources)
     if vocab_size is not None:
-        check_token_ids(cache.tokens, vocab_size, f"the token cache of {sources[0]}")
+        check_token_ids(cache.max_token_id, vocab_size, f"the token cache of {sources[0]}")
     train_docs = val_set = None
     if opts.val_fraction:
         train_docs, val_docs = split_documents(cache.num_docs, opts.val_fraction, opts.seed)
         val_set = dataset(cache, val_docs)
     elif opts.val_data:
-        val_cache = load(opts.val_data, quiet=True)
+        val_cache = reopen(val_cache_path, opts.val_data)
         if vocab_size is not None:
-            check_token_ids(val_cache.tokens, vocab_size, f"the token cache of {opts.val_data[0]}")
+            check_token_ids(val_cache.max_token_id, vocab_size, f"the token cache of {opts.val_data[0]}")
         val_set = dataset(val_cache)
     train_set = dataset(cache, train_docs)
     loader = DistributedDataLoader(
@@ -321,15 +301,12 @@ def build_data(opts, tokenizer, mesh, global_batch: int, vocab_size: Optional[in
     return TrainingData(loader, validation, summary)
 
 
-def check_token_ids(tokens, vocab_size: int, what: str) -> None:
-    """Once at start-up, on the host: the model's forward does not check id values (that
-    would wait for the device every step). Blockwise, so a memmapped cache of any size is
-    read once without a copy in memory."""
-    block = 1 << 26
-    high = max((int(tokens[i : i + block].max()) for i in range(0, len(tokens), block)), default=-1)
-    if high >= vocab_size:
+def check_token_ids(max_token_id: int, vocab_size: int, what: str) -> None:
+    """Once at start-up: the model's forward does not check id values (that would wait for
+    the device every step). The caches record their largest id when they are built."""
+    if max_token_id >= vocab_size:
         raise ValueError(
-            f"{what} holds token id {high} but the model's vocabulary is {vocab_size}: "
+            f"{what} holds token id {max_token_id} but the model's vocabulary is {vocab_size}: "
             "use the --tokenizer the --checkpoint was trained with, or delete the stale cache (--cache-dir)"
         )
 
@@ -349,11 +326,10 @@ def evaluate(model, batches: list, device, mesh) -> float:
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def _log_validation(metrics_file: Path, step: int, val_loss: float, bar: bool = False) -> None:
+def _log_validation(metrics: MetricsLog, step: int, val_loss: float, bar: bool = False) -> None:
     line = f"step {step:5d} | val loss {val_loss:.4f}"
     print(f"\r{line:<{_BAR_WIDTH}}" if bar else line, flush=True)
-    with metrics_file.open("a") as f:
-        f.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
+    metrics.write({"step": step, "val_loss": val_loss})
 
 
 # ---------------------------------------------------------------- metrics
@@ -385,32 +361,31 @@ def make_mesh(opts):
     return build_mesh(opts.tp, opts.dp_replicate, hybrid=STRATEGIES[opts.strategy].hybrid)
 
 
-def log_line(record: dict) -> str:
-    val = f" | val loss {record['val_loss']:.4f}" if "val_loss" in record else ""
-    mfu = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.1f}%"
-    return (
-        f"step {record['step']:5d} | loss {record['loss']:.4f}{val} | lr {record['lr']:.2e} | grad norm {record['grad_norm']:.3f}"
-        f" | {record['tokens_per_s']:.0f} tok/s ({record['tokens_per_s_per_device']:.0f}/device)"
-        f" | MFU {mfu} | mem {record['memory_gb']:.2f} GB"
-    )
-
-
 # ---------------------------------------------------------------- main
 
 
-def train(opts) -> dict:
+def train(opts, parser: Optional[argparse.ArgumentParser] = None) -> int:
+    """The run; returns the process's exit code: 0 when done, PREEMPTED_EXIT_CODE when
+    stopped by a signal or the time limit, NONFINITE_EXIT_CODE after --max-skips."""
     mesh = make_mesh(opts)
+    opts.tp = mesh["tp"].size()  # resolved, for SAVE_DIR/config.toml
     rank = dist.get_rank()
     device = local_device()
+    control_group()  # every rank, before the first message on it
+    stop = StopRequests(parse_signals(opts.save_on_signal), parse_time_limit(opts.time_limit))
+    profile = StepProfiler(parse_step_range(opts.profile_steps), opts.save_dir, rank, device)
     opts.dtype = opts.dtype or default_dtype(device)
     torch.manual_seed(opts.seed)
     peak = opts.peak_tflops
+    if device.type == "cpu":
+        keep_freed_host_memory()
     if device.type == "cuda":
         enable_tf32()
         warn_if_tp_crosses_nodes(mesh["tp"].size(), gpus_per_node())
         if peak is None:
             peak = _table_peak(opts.dtype)
     save_dir = Path(opts.save_dir)
+    resume_from = decide_resume(save_dir, opts.resume)
 
     args = read_model_args(opts.checkpoint) if opts.checkpoint else ModelArgs.from_preset(opts.preset)
     if opts.seq_len > args.max_seq_len:
@@ -432,18 +407,26 @@ def train(opts) -> dict:
         activation_checkpointing=opts.activation_checkpointing,
         compile=opts.compile,
         seed=opts.seed,
+        init=resume_from is None,  # resuming: the checkpoint's weights replace whatever is there
     )
     optimizer = build_optimizer(model, opts, device)
+    checkpoints = Checkpointer(save_dir, opts.keep, async_save=opts.async_checkpoint)
 
-    step = 0
-    resume_from = complete_checkpoints(save_dir)[-1] if opts.resume and complete_checkpoints(save_dir) else None
+    step, skipped_before = 0, 0
     if resume_from is not None:
-        step = load_checkpoint(resume_from, model, optimizer, loader, rank)
+        trainer = load_checkpoint(resume_from, model, optimizer)
+        loader.load_state_dict(trainer["data"])
+        step, skipped_before = trainer["step"], trainer.get("skipped_steps", 0)
+        checkpoints.last_saved = step
         if rank == 0:
             print(f"resumed from {resume_from} at step {step}", flush=True)
-            _drop_metrics_after(save_dir / "metrics.jsonl", step)
+            drop_metrics_after(save_dir / "metrics.jsonl", step)
+    metrics = None
     if rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
+        if parser is not None:
+            write_config(opts, parser, save_dir / "config.toml")
+        metrics = MetricsLog(save_dir, tensorboard=opts.tensorboard)
         print(
             f"model {opts.checkpoint or opts.preset}: {args.num_params():,} params | mesh "
             + " x ".join(f"{n} {s}" for n, s in zip(mesh.mesh_dim_names, mesh.mesh.shape))
@@ -459,30 +442,46 @@ def train(opts) -> dict:
     world = dist.get_world_size()
     flops_per_token = args.training_flops_per_token(opts.seq_len)
     tokens_per_step = global_batch * opts.seq_len
-    metrics_file = save_dir / "metrics.jsonl"
     show_bar = rank == 0 and sys.stdout.isatty()
     last_step = opts.steps if opts.stop_after is None else min(opts.steps, step + opts.stop_after)
+    memory_snapshot = MemorySnapshot(opts.memory_snapshot, save_dir, rank, device, at_step=min(step + 3, last_step))
     if validation and resume_from is None:  # the starting point of the validation curve
         val_loss = evaluate(model, validation, device, mesh)
         if rank == 0:
-            _log_validation(metrics_file, step, val_loss)
+            _log_validation(metrics, step, val_loss)
 
+    # kept on the device and read only where the loop reads anyway (log and save steps)
+    skipped = torch.zeros((), device=device)  # steps whose update was skipped in this job
+    skips_in_row = torch.zeros((), device=device)
     last, window_start, window_steps = {}, time.perf_counter(), 0
+    exit_code = 0
     while step < last_step:
+        step_start = time.perf_counter()
+        profile.before_step(step + 1)
         lr = lr_at(step, opts)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, grad_norm = train_step(model, optimizer, loader, device, opts.clip)
+        poison = fault_injection("nan", step + 1, rank)
+        loss_sum, grad_norm, skip = train_step(model, optimizer, loader, device, opts.clip, poison=poison)
         step += 1
         window_steps += 1
-        _fault_injection("step", step, rank)
+        skipped += skip
+        skips_in_row = (skips_in_row + 1) * skip
+        fault_injection("step", step, rank)
+        profile.after_step(step)
+        memory_snapshot.after_step(step)
         val_loss = None
         if validation and (step % opts.eval_every == 0 or step == last_step):
             eval_start = time.perf_counter()
             val_loss = evaluate(model, validation, device, mesh)
             window_start += time.perf_counter() - eval_start  # tokens/s counts training alone
+        log_now = step % opts.log_every == 0 or step in (1, last_step)  # step 1 shows the starting loss
+        save_now = (opts.save_every and step % opts.save_every == 0) or step == last_step
 
-        if step % opts.log_every == 0 or step in (1, last_step):  # step 1 shows the starting loss
+        if (log_now or save_now) and skips_in_row.item() >= opts.max_skips:
+            exit_code = NONFINITE_EXIT_CODE
+            break
+        if log_now:
             loss_value = sum_over_dp(loss_sum.item(), mesh)  # the shares add up to the step's mean
             elapsed = time.perf_counter() - window_start
             tokens_per_s = tokens_per_step * window_steps / elapsed
@@ -496,24 +495,51 @@ def train(opts) -> dict:
                 "mfu": None if peak_total is None else flops_per_token * tokens_per_s / (peak_total * 1e12),
                 "memory_gb": memory_gb(device),
                 "samples_seen": loader.sample,
+                "skipped_steps": skipped_before + int(skipped.item()),
             }
             if val_loss is not None:
                 last["val_loss"] = val_loss
             if rank == 0:
                 line = log_line(last)
                 print(f"\r{line:<{_BAR_WIDTH}}" if show_bar else line, flush=True)
-                with metrics_file.open("a") as f:
-                    f.write(json.dumps(last) + "\n")
+                metrics.write(last)
             window_start, window_steps = time.perf_counter(), 0
         elif val_loss is not None and rank == 0:
-            _log_validation(metrics_file, step, val_loss, bar=show_bar)
+            _log_validation(metrics, step, val_loss, bar=show_bar)
         if show_bar:
             print(f"\r{_progress_bar(step, last_step):<{_BAR_WIDTH}}", end="", flush=True)
-        if (opts.save_every and step % opts.save_every == 0) or step == last_step:
-            save_checkpoint(save_dir, step, model, optimizer, loader, opts, rank)
-    if show_bar:
+        stop.observe(step_seconds=time.perf_counter() - step_start)
+        if save_now:
+            save_start = time.perf_counter()
+            _save(checkpoints, step, model, optimizer, loader, opts, skipped_before + int(skipped.item()))
+            stop.observe(save_seconds=time.perf_counter() - save_start)
+            window_start += time.perf_counter() - save_start
+        reason = stop.agreed() if step < last_step else None
+        if reason is not None:
+            if checkpoints.last_saved != step and not save_now:
+                _save(checkpoints, step, model, optimizer, loader, opts, skipped_before + int(skipped.item()))
+            path = checkpoints.save_dir / checkpoint_name(step)
+            checkpoints.close()
+            if rank == 0:
+                print(f"{chr(10) if show_bar else ''}preempted at step {step}: checkpoint saved to {path} "
+                      f"(stopped by {stop.received or reason}); continue with --resume", flush=True)
+            exit_code = PREEMPTED_EXIT_CODE
+            break
+    checkpoints.close()
+    if exit_code == NONFINITE_EXIT_CODE and rank == 0:
+        newest = "no checkpoint" if checkpoints.last_saved is None else f"the newest checkpoint, step {checkpoints.last_saved},"
+        print(f"{chr(10) if show_bar else ''}stopped at step {step}: {opts.max_skips} consecutive steps had a non-finite loss or "
+              f"grad norm and were skipped; {newest} is intact. Lower --lr, or check the data", file=sys.stderr, flush=True)
+    elif show_bar:
         print(flush=True)
-    return last
+    if metrics is not None:
+        metrics.close()
+    return exit_code
+
+
+def _save(checkpoints: Checkpointer, step: int, model, optimizer, loader, opts, skipped_steps: int) -> Path:
+    trainer = {"data": loader.state_dict(), "args": vars(opts), "skipped_steps": skipped_steps}
+    return checkpoints.save(step, model, optimizer, trainer)
 
 
 _BAR_WIDTH = 100
@@ -522,13 +548,6 @@ _BAR_WIDTH = 100
 def _progress_bar(step: int, total: int, width: int = 40) -> str:
     done = width * step // max(total, 1)
     return f"[{'#' * done}{'.' * (width - done)}] step {step}/{total}"
-
-
-def _drop_metrics_after(path: Path, step: int) -> None:
-    """A run that died after its last checkpoint logged steps that the resumed run repeats."""
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(row + "\n" for row in rows))
 
 
 def default_dtype(device: torch.device) -> str:
@@ -541,6 +560,29 @@ def enable_tf32() -> None:
     fp32 accumulation): several times the plain fp32 rate, and what _table_peak assumes."""
     torch.set_float32_matmul_precision("high")  # sets torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = True
+
+
+def keep_freed_host_memory() -> None:
+    """CPU training: keep freed memory in the process for the next step's tensors instead
+    of handing it back to the kernel. glibc maps large blocks (logits, activations) afresh
+    on every allocation and unmaps them on free, so each step pays the page faults and
+    zeroing of every large tensor again: about 3% of the 2x2 benchmark's CPU time
+    (bench/bench_step.py). Sets glibc's malloc knobs at run time (Linux only; elsewhere,
+    or where set by MALLOC_* environment variables, nothing changes)."""
+    import ctypes
+    import ctypes.util
+
+    if sys.platform != "linux" or any(k.startswith("MALLOC_") for k in os.environ):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest: blocks below 32 MiB come from the heap
+    mallopt(M_TRIM_THRESHOLD, 16 << 30)  # never shrink the heap between steps
+    mallopt(M_TOP_PAD, 1 << 30)  # grow it in 1 GiB steps
 
 
 def _table_peak(dtype: str) -> Optional[float]:
@@ -562,16 +604,15 @@ def _sum_over_ranks(value: float, device) -> float:
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
-    init_distributed()
+    init_distributed(timeout=datetime.timedelta(minutes=opts.comm_timeout))
     try:
-        train(opts)
+        return train(opts, build_parser())
     except ValueError as err:  # bad input found by every rank alike: one line, no traceback
         if dist.get_rank() == 0:
             print(f"train.py: error: {err}", file=sys.stderr, flush=True)
         return 2
     finally:
         dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@
 
 The 2x2 CPU config of DEVELOPERS.md: dim 512, 4 layers, 8 heads / 4 kv heads, vocab
 8192, seq 512, micro-batch 4 per dp rank, fp32. One step = model, vocab-parallel loss,
-backward, AdamW with its defaults. MFU = training FLOPs per token x tokens/s / the
-machine's fp32 matmul peak, measured in the same run on every rank at once (train.py's
-`measure_peak_tflops`, before and after the steps; the ranks' sum). Variants (sequence
-parallelism x FSDP strategy x AdamW default or fused) alternate step by step so that
-drift of the machine's speed hits all alike; each figure is a median. Then one step of
+backward, AdamW with its defaults (or fused, train.py's choice on CPU), with train.py's
+host-memory setting (`keep_freed_host_memory`). MFU = training FLOPs per token x tokens/s
+/ the machine's fp32 matmul peak, measured in the same run: each round starts with a
+0.5 s probe on every rank at once (train.py's `measure_peak_tflops`; the ranks' sum),
+then runs every variant (sequence parallelism x FSDP strategy x AdamW) for
+`--consecutive` steps in a row, so that drift of the machine's speed hits the peak and
+all variants alike. Figures are medians over the rounds, with the range. Then one step of
 the fastest variant runs under torch.profiler on rank 0, and its self CPU time is split
 into categories. With 4 processes on 2 cores a rank's wall time includes time it waits
 for a core. Target: MFU >= 75%."""
@@ -31,7 +33,7 @@ from llama import ModelArgs
 from parallel.fsdp import build_parallel_model
 from parallel.layers import vocab_parallel_cross_entropy
 from parallel.mesh import build_mesh, dp_rank, dp_size
-from train import measure_peak_tflops
+from train import keep_freed_host_memory, measure_peak_tflops
 
 ARGS = ModelArgs(dim=512, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=8192, multiple_of=256, max_seq_len=512)
 
@@ -72,6 +74,7 @@ def breakdown(prof) -> tuple[dict, dict]:
 
 
 def _bench(opts) -> dict:
+    keep_freed_host_memory()  # as train.py does on CPU
     mesh = build_mesh(2)
     variants = list(itertools.product(opts.sequence_parallel, opts.strategy, opts.adamw))
     gen = torch.Generator().manual_seed(dp_rank(mesh))
@@ -93,32 +96,37 @@ def _bench(opts) -> dict:
         steps[(sp, strategy, adamw)] = step
         step(), step()  # warm-up
 
-    peak = torch.tensor(measure_peak_tflops(torch.device("cpu")))
-    dist.all_reduce(peak)
-    times = defaultdict(list)
+    # The machine's speed drifts (a shared VM): a peak probe of 0.5 s on every rank at once
+    # before each round, every variant stepping in each round. Medians of both.
+    peaks, times = [], defaultdict(list)
     for _ in range(opts.steps):
+        probe = torch.tensor(measure_peak_tflops(torch.device("cpu"), seconds=0.5))
+        dist.all_reduce(probe)
+        peaks.append(probe.item())
         for variant, step in steps.items():
             dist.barrier()
             start = time.perf_counter()
-            step()
+            for _ in range(opts.consecutive):
+                step()
             dist.barrier()
-            times[variant].append(time.perf_counter() - start)
-    # the peak again after the steps: the machine's speed drifts, the mean of both is fairer
-    peak_after = torch.tensor(measure_peak_tflops(torch.device("cpu")))
-    dist.all_reduce(peak_after)
+            times[variant].append((time.perf_counter() - start) / opts.consecutive)
     medians = {variant: statistics.median(t) for variant, t in times.items()}
+    spread = {variant: (min(t), max(t)) for variant, t in times.items()}
 
     fastest = min(medians, key=medians.get)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         dist.barrier()
         steps[fastest]()
         dist.barrier()
-    return {"medians": medians, "peak": (peak.item() + peak_after.item()) / 2, "profile": breakdown(prof)}
+    return {"medians": medians, "spread": spread, "peak": statistics.median(peaks), "peaks": (min(peaks), max(peaks)),
+            "profile": breakdown(prof)}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps of each variant (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=6, help="timed rounds, each a peak probe and every variant's steps (default: %(default)s)")
+    parser.add_argument("--consecutive", type=int, default=2, help="steps in a row per variant and round, as a training "
+                        "loop runs them, without a barrier between (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=512, help="default: %(default)s")
     parser.add_argument("--micro-batch", type=int, default=4, help="rows per dp rank (default: %(default)s)")
     parser.add_argument("--sequence-parallel", default="on,off", help="on, off or both: on,off (default: %(default)s)")
@@ -138,10 +146,13 @@ def main():
     tokens = opts.micro_batch * opts.seq_len * 2
     flops = ARGS.training_flops_per_token(opts.seq_len)
     peak = result["peak"]
-    print(f"fp32 matmul peak (4 ranks, same run): {peak:.3f} TFLOP/s")
+    print(f"fp32 matmul peak (4 ranks, same run): {peak:.3f} TFLOP/s, median of {opts.steps} probes "
+          f"({result['peaks'][0]:.3f}-{result['peaks'][1]:.3f})")
     for (sp, strategy, adamw), seconds in result["medians"].items():
         mfu = flops * tokens / seconds / (peak * 1e12)
-        print(f"sp {sp:3s} fsdp {strategy:8s} adamw {adamw:7s} {1000 * seconds:7.0f} ms/step  {tokens / seconds:6.0f} tok/s  MFU {100 * mfu:5.1f}%")
+        low, high = result["spread"][(sp, strategy, adamw)]
+        print(f"sp {sp:3s} fsdp {strategy:8s} adamw {adamw:7s} {1000 * seconds:7.0f} ms/step ({1000 * low:.0f}-{1000 * high:.0f})"
+              f"  {tokens / seconds:6.0f} tok/s  MFU {100 * mfu:5.1f}%")
     fastest = min(result["medians"], key=result["medians"].get)
     print(f"fastest: sequence parallel {fastest[0]}, FSDP {fastest[1]}, AdamW {fastest[2]}")
     totals, others, ops = result["profile"]

@@ -36,10 +36,11 @@ conversation longer than seq_len + 1 tokens is truncated at its end and counted
 in `num_truncated`, never dropped.
 
 The conversation cache (tokens, a one-byte loss mask per token, int64
-offsets) is keyed on the sha256 of the source files' bytes, the tokenizer's
-fingerprint, the data format and train_on; like the token cache it is written
-under temporary names and renamed, so build it on one rank, barrier, then open
-it on all.
+offsets; its largest token id in the description) is keyed on the sha256 of
+the source files' bytes, the tokenizer's fingerprint, the data format and
+train_on; like the token cache it is written under temporary names and
+renamed, so build it on one rank, barrier, then open it on all. It is built in
+`workers` worker processes when asked, the same bytes as in one.
 """
 
 from __future__ import annotations
@@ -47,23 +48,22 @@ from __future__ import annotations
 import bisect
 import json
 import os
-import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
 from llama.data import (
-    IGNORE_INDEX, JSONL_SUFFIXES, DataError, PathLike, Row, Sources, WindowDataset, _check_documents,
-    _describe, _FileReport, _log, _read_documents, _sha256, default_cache_dir, find_source_files,
-    source_stats)
+    IGNORE_INDEX, JSONL_SUFFIXES, DataError, FilePart, open_built_cache, PathLike, Progress, Row, Sources, WindowDataset,
+    _check_documents, _describe, _FileReport, _log, _sha256, _summary, chunks_of_parts, default_cache_dir,
+    find_source_files, largest_token_id, map_in_order, part_documents, read_parts, source_stats, useful_workers)
 from llama.tokenizer import _CHAT_ROLES, Tokenizer, _role_and_content
 
 TRAIN_ON = ("assistant", "last", "all")
 DATA_FORMATS = ("auto", "chat", "alpaca", "prompt-completion", "text")
-CHAT_CACHE_VERSION = 1
-_WRITE_BATCH = 4096  # conversations written to the cache files at once
+CHAT_CACHE_VERSION = 2  # 2: records max_token_id
 
 _FORMAT_FIX = {
     "chat": 'each line must be {"messages": [{"role": "user", "content": "..."}, '
@@ -223,41 +223,72 @@ class _SkipReport:
     count: int = 0
     first: str = ""  # "line 7: unknown role 'bot'"
 
+    def add(self, other: "_SkipReport") -> None:
+        if other.count and not self.count:
+            self.first = other.first
+        self.count += other.count
+
     def line(self, path: Path) -> str:
         return f"warning: {path}: skipped {self.count} bad lines (first: {self.first})"
 
 
-def _read_conversations(path: Path, fmt: str, tokenizer: Tokenizer, train_on: str,
+def _part_conversations(part: FilePart, tokenizer: Tokenizer, train_on: str,
                         skip: _SkipReport | None) -> Iterator[tuple[list[int], list[int]]]:
-    """(ids, labels) per conversation of one file. A bad line raises DataError
+    """(ids, labels) per conversation of one part of a file. A bad line raises DataError
     naming file and line, or is counted in `skip` when skipping."""
-    if fmt == "text":
-        for text in _read_documents(path, _FileReport()):
+    if part.fmt == "text":
+        for text in part_documents(part, _FileReport()):
             ids = tokenizer.encode(text, bos=True, eos=True)
             yield ids, [IGNORE_INDEX] + ids[1:]
         return
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
+    for lineno, raw in part.numbered_lines():
+        if not raw.strip():
+            continue
+        try:
             try:
-                try:
-                    record = json.loads(raw)
-                except ValueError as e:
-                    raise _BadLine(f"not valid JSON ({getattr(e, 'msg', e)})", _FORMAT_FIX[fmt]) from None
-                messages = _messages(record, fmt)
-                try:
-                    yield encode_conversation(tokenizer, messages, train_on)
-                except DataError as e:
-                    reason, _, fix = str(e).partition("; ")
-                    raise _BadLine(reason, fix or _FORMAT_FIX[fmt]) from None
-            except _BadLine as bad:
-                if skip is None:
-                    raise DataError(f"{path}:{lineno}: {bad.reason}; {bad.fix}, "
-                                    "or skip bad lines (--skip-bad-lines)") from None
-                if not skip.count:
-                    skip.first = f"line {lineno}: {bad.reason}"
-                skip.count += 1
+                record = json.loads(raw)
+            except ValueError as e:
+                raise _BadLine(f"not valid JSON ({getattr(e, 'msg', e)})", _FORMAT_FIX[part.fmt]) from None
+            messages = _messages(record, part.fmt)
+            try:
+                yield encode_conversation(tokenizer, messages, train_on)
+            except DataError as e:
+                reason, _, fix = str(e).partition("; ")
+                raise _BadLine(reason, fix or _FORMAT_FIX[part.fmt]) from None
+        except _BadLine as bad:
+            if skip is None:
+                raise DataError(f"{part.path}:{lineno}: {bad.reason}; {bad.fix}, "
+                                "or skip bad lines (--skip-bad-lines)") from None
+            if not skip.count:
+                skip.first = f"line {lineno}: {bad.reason}"
+            skip.count += 1
+
+
+@dataclass
+class EncodedConversations:
+    """One chunk's conversations, encoded: what a worker sends back."""
+
+    tokens: np.ndarray  # uint32, the conversations back to back
+    mask: np.ndarray  # uint8, 1 where the label is the token
+    lengths: np.ndarray  # int64, tokens per conversation
+    skips: list[tuple[Path, _SkipReport]]  # per part: the bad lines skipped
+    num_bytes: int  # of the files' bytes
+
+
+def encode_chat_chunk(tokenizer: Tokenizer, chunk: list[FilePart], train_on: str,
+                      skip_bad_lines: bool) -> EncodedConversations:
+    ids, labels, skips = [], [], []
+    for part in chunk:
+        skip = _SkipReport() if skip_bad_lines else None
+        for conversation_ids, conversation_labels in _part_conversations(part, tokenizer, train_on, skip):
+            ids.append(np.asarray(conversation_ids, dtype=np.int64))
+            labels.append(np.asarray(conversation_labels, dtype=np.int64))
+        if skip is not None:
+            skips.append((part.path, skip))
+    tokens = np.concatenate(ids).astype(np.uint32) if ids else np.empty(0, np.uint32)
+    mask = (np.concatenate(labels) != IGNORE_INDEX).astype(np.uint8) if labels else np.empty(0, np.uint8)
+    return EncodedConversations(tokens, mask, np.array([len(i) for i in ids], dtype=np.int64), skips,
+                                sum(len(part.data) for part in chunk))
 
 
 # ---------------------------------------------------------------------------
@@ -276,6 +307,12 @@ class ConversationCache:
     hit: bool
     pad_id: int  # the token id of padding (any valid id: its label is IGNORE_INDEX)
     skipped: dict[str, list] = field(default_factory=dict)  # file -> [count, first bad line]
+    max_token_id: Optional[int] = None  # the largest id in tokens, recorded when the cache was built
+    #                                     (padding adds pad_id, an id of the same tokenizer)
+
+    def __post_init__(self):
+        if self.max_token_id is None:  # a cache made in memory: scan it once
+            self.max_token_id = largest_token_id(self.tokens)
 
     @property
     def num_conversations(self) -> int:
@@ -302,12 +339,14 @@ def _chat_cache_paths(meta_path: Path) -> tuple[Path, Path, Path]:
 
 def load_conversation_cache(sources: Sources, tokenizer: Tokenizer, cache_dir: PathLike | None = None, *,
                             data_format: str = "auto", train_on: str = "assistant",
-                            skip_bad_lines: bool = False, quiet: bool = False) -> ConversationCache:
+                            skip_bad_lines: bool = False, quiet: bool = False,
+                            workers: int = 1) -> ConversationCache:
     """Encode the conversations of `sources` into a cache, or open the one a previous run left.
 
     Reused while the files' bytes (sha256), the tokenizer, data_format, train_on
     and skip_bad_lines are unchanged. A labels mask, not labels, is stored:
     labels are either the token or IGNORE_INDEX, so one byte per token holds them.
+    A build encodes in `workers` processes (1: in this one); the cache is the same either way.
     """
     _check_train_on(train_on)
     files = find_source_files(sources)
@@ -323,14 +362,20 @@ def load_conversation_cache(sources: Sources, tokenizer: Tokenizer, cache_dir: P
     cache = _open_chat_cache(meta_path, key, files)
     if cache is None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        cache = _build_chat_cache(files, formats, tokenizer, meta_path, key, train_on, skip_bad_lines,
-                                  quiet=quiet)
+        cache = _build_chat_cache(files, formats, stats, tokenizer, meta_path, key, train_on, skip_bad_lines,
+                                  quiet=quiet, workers=workers)
     elif not quiet:
         _log(f"conversation cache hit: {meta_path} ({cache.num_conversations:,} conversations, "
              f"{len(cache.tokens):,} tokens from {len(files)} files)")
     for path, (count, first) in cache.skipped.items():
         _log(_SkipReport(count, first).line(Path(path)))
     return cache
+
+
+def open_conversation_cache(meta_path: PathLike, sources: Sources) -> ConversationCache:
+    """The cache at `meta_path`, as rank 0 just built or found it, without hashing the
+    sources again (see llama.data.open_token_cache)."""
+    return open_built_cache(meta_path, sources, _open_chat_cache, "conversation cache")
 
 
 def _open_chat_cache(meta_path: Path, key: str, files: list[Path]) -> ConversationCache | None:
@@ -345,34 +390,54 @@ def _open_chat_cache(meta_path: Path, key: str, files: list[Path]) -> Conversati
         return None  # truncated by a crash or a full disk: rebuild
     return ConversationCache(np.memmap(tokens_path, dtype="<u4", mode="r"),
                              np.memmap(mask_path, dtype=np.uint8, mode="r"), np.load(offsets_path),
-                             files, meta_path, hit=True, pad_id=meta["pad_id"], skipped=meta["skipped"])
+                             files, meta_path, hit=True, pad_id=meta["pad_id"], skipped=meta["skipped"],
+                             max_token_id=meta["max_token_id"])
 
 
-def _build_chat_cache(files: list[Path], formats: list[str], tokenizer: Tokenizer, meta_path: Path,
-                      key: str, train_on: str, skip_bad_lines: bool, *, quiet: bool) -> ConversationCache:
+class _ConversationWriter:
+    """Appends encoded chunks to the cache's token and mask files, keeping what its description needs."""
+
+    def __init__(self, tokens_out, mask_out):
+        self.tokens_out, self.mask_out = tokens_out, mask_out
+        self.lengths: list[np.ndarray] = []  # tokens per conversation, a chunk at a time
+        self.num_conversations = self.num_tokens = 0
+        self.max_token_id = -1
+
+    def write(self, encoded: EncodedConversations) -> None:
+        self.tokens_out.write(encoded.tokens.astype("<u4", copy=False).tobytes())
+        self.mask_out.write(encoded.mask.tobytes())
+        self.lengths.append(encoded.lengths)
+        self.num_conversations += len(encoded.lengths)
+        self.num_tokens += len(encoded.tokens)
+        self.max_token_id = max(self.max_token_id, largest_token_id(encoded.tokens))
+
+
+def _build_chat_cache(files: list[Path], formats: list[str], stats: list, tokenizer: Tokenizer,
+                      meta_path: Path, key: str, train_on: str, skip_bad_lines: bool, *, quiet: bool,
+                      workers: int) -> ConversationCache:
     paths = _chat_cache_paths(meta_path)
     meta_path.unlink(missing_ok=True)  # the old cache is invalid from now on
     tmp = f".tmp{os.getpid()}"
     tmps = [p.with_name(p.name + tmp) for p in paths]
-    lengths, skipped, start = [], {}, time.perf_counter()
+    total_bytes = sum(size for _, size, _ in stats)
+    progress = Progress("encoding", total_bytes, unit="conversations", quiet=quiet)
+    workers = useful_workers(workers, total_bytes)
+    skips = {path: _SkipReport() for path in files}
+    chunks = chunks_of_parts(part for path, fmt in zip(files, formats) for part in read_parts(path, fmt))
+    encode = partial(encode_chat_chunk, train_on=train_on, skip_bad_lines=skip_bad_lines)
+    bytes_done = 0
     try:
         with open(tmps[0], "wb") as tokens_out, open(tmps[1], "wb") as mask_out:
-            for path, fmt in zip(files, formats):
-                skip = _SkipReport() if skip_bad_lines else None
-                ids_batch, labels_batch = [], []
-                for ids, labels in _read_conversations(path, fmt, tokenizer, train_on, skip):
-                    ids_batch.append(ids)
-                    labels_batch.append(labels)
-                    lengths.append(len(ids))
-                    if len(ids_batch) == _WRITE_BATCH:
-                        _write(tokens_out, mask_out, ids_batch, labels_batch)
-                        ids_batch, labels_batch = [], []
-                _write(tokens_out, mask_out, ids_batch, labels_batch)
-                if skip is not None and skip.count:
-                    skipped[str(path)] = [skip.count, skip.first]
-        if not lengths:
+            writer = _ConversationWriter(tokens_out, mask_out)
+            for encoded in map_in_order(encode, tokenizer, chunks, workers):
+                writer.write(encoded)
+                for path, skip in encoded.skips:
+                    skips[path].add(skip)
+                bytes_done += encoded.num_bytes
+                progress.update(bytes_done, writer.num_conversations, writer.num_tokens)
+        if not writer.num_conversations:
             raise DataError(f"{_describe(files)}: empty corpus, no conversation to train on; add data")
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        offsets = np.concatenate([[0], np.cumsum(np.concatenate(writer.lengths))]).astype(np.int64)
         with open(tmps[2], "wb") as f:
             np.save(f, offsets)
         for t, p in zip(tmps, paths):
@@ -382,27 +447,18 @@ def _build_chat_cache(files: list[Path], formats: list[str], tokenizer: Tokenize
             t.unlink(missing_ok=True)
 
     pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
+    skipped = {str(path): [skip.count, skip.first] for path, skip in skips.items() if skip.count}
     meta = {"version": CHAT_CACHE_VERSION, "key": key, "tokenizer": tokenizer.fingerprint,
-            "num_tokens": int(offsets[-1]), "num_conversations": len(lengths), "pad_id": pad_id,
-            "train_on": train_on, "formats": formats, "skipped": skipped}
+            "num_tokens": writer.num_tokens, "num_conversations": writer.num_conversations, "pad_id": pad_id,
+            "max_token_id": writer.max_token_id, "train_on": train_on, "formats": formats, "skipped": skipped}
     meta_tmp = meta_path.with_name(meta_path.name + tmp)
     meta_tmp.write_text(json.dumps(meta))
     os.replace(meta_tmp, meta_path)  # written last: it marks the cache complete
-    if not quiet:
-        _log(f"encoded {len(files)} files, {len(lengths):,} conversations, {int(offsets[-1]):,} tokens "
-             f"in {time.perf_counter() - start:.1f}s -> {paths[0]}")
+    progress.finish(_summary("encoded", len(files), writer.num_conversations, writer.num_tokens, progress, workers,
+                             meta_path))
     return ConversationCache(np.memmap(paths[0], dtype="<u4", mode="r"),
                              np.memmap(paths[1], dtype=np.uint8, mode="r"), offsets, files, meta_path,
-                             hit=False, pad_id=pad_id, skipped=skipped)
-
-
-def _write(tokens_out, mask_out, ids_batch: list[list[int]], labels_batch: list[list[int]]) -> None:
-    if not ids_batch:
-        return
-    ids = np.concatenate([np.asarray(i, dtype=np.int64) for i in ids_batch])
-    labels = np.concatenate([np.asarray(lab, dtype=np.int64) for lab in labels_batch])
-    tokens_out.write(ids.astype("<u4").tobytes())
-    mask_out.write((labels != IGNORE_INDEX).astype(np.uint8).tobytes())
+                             hit=False, pad_id=pad_id, skipped=skipped, max_token_id=writer.max_token_id)
 
 
 # ---------------------------------------------------------------------------

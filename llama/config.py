@@ -20,7 +20,8 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
     # Llama 3.1 frequency scaling; every number comes from the checkpoint's config
-    # because 3.2 uses factor 32 where Meta's reference code hard-codes 8.
+    # because 3.2 uses factor 32 where Meta's reference code hard-codes 8
+    # (meta_rope_scale_factor: for a params.json that does not say).
     use_scaled_rope: bool = False
     rope_scale_factor: float = 8.0
     rope_low_freq_factor: float = 1.0
@@ -134,8 +135,15 @@ class ModelArgs:
         return cls(**args, ffn_hidden_size=cfg.get("intermediate_size"))
 
     @classmethod
-    def from_meta_params(cls, path) -> "ModelArgs":
-        """Read Meta's `params.json` (or the directory holding it)."""
+    def from_meta_params(
+        cls, path, tie_word_embeddings: Optional[bool] = None, rope_scale_factor: Optional[float] = None
+    ) -> "ModelArgs":
+        """Read Meta's `params.json` (or the directory holding it). Two things it may not
+        say, and the values given here win over it:
+          - whether the output layer is tied to the embeddings: the checkpoint's tensors
+            tell (llama.sources.meta_source looks and passes the answer); from params.json
+            alone, only the published Llama 3.2 shapes are taken as tied;
+          - the RoPE scale factor, when use_scaled_rope: see meta_rope_scale_factor."""
         path = Path(path)
         if path.is_dir():
             path = path / "params.json"
@@ -155,12 +163,37 @@ class ModelArgs:
             )
         except KeyError as missing:
             raise ValueError(f"{path}: missing key {missing} in Meta params.json") from None
-        # params.json has no scaling numbers; 3.1 used factor 8, 3.2 (tied, dim <= 3072) factor 32
-        if args["use_scaled_rope"]:
-            args["rope_scale_factor"] = float(p.get("rope_scale_factor", 32.0 if args["dim"] <= 3072 else 8.0))
-        args["tie_word_embeddings"] = bool(p.get("tie_word_embeddings", args["use_scaled_rope"] and args["dim"] <= 3072))
         args["max_seq_len"] = int(p.get("max_seq_len", 131072 if args["use_scaled_rope"] else 8192))
+        if tie_word_embeddings is None:
+            tie_word_embeddings = p.get("tie_word_embeddings")
+        if tie_word_embeddings is None:
+            tie_word_embeddings = llama32_shape(cls(**args, tie_word_embeddings=True)) is not None
+        args["tie_word_embeddings"] = bool(tie_word_embeddings)
+        if args["use_scaled_rope"]:
+            if rope_scale_factor is None:
+                rope_scale_factor = p.get("rope_scale_factor")
+            if rope_scale_factor is None:
+                rope_scale_factor, _ = meta_rope_scale_factor(cls(**args))
+            args["rope_scale_factor"] = float(rope_scale_factor)
         return cls(**args)
+
+
+def llama32_shape(args: ModelArgs) -> Optional[str]:
+    """The preset ("3.2-1b" or "3.2-3b") whose shapes these are, tied output included; else None."""
+    def shape(a: ModelArgs) -> tuple:
+        return a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.ffn_hidden_dim, a.tie_word_embeddings
+
+    return next((name for name in ("3.2-1b", "3.2-3b") if shape(PRESETS[name]) == shape(args)), None)
+
+
+def meta_rope_scale_factor(args: ModelArgs) -> tuple:
+    """(factor, why) for a Meta checkpoint whose params.json says use_scaled_rope but not the
+    factor. Meta's reference code hard-codes 8, right for Llama 3.1 and any model trained
+    with that code; the Llama 3.2 1B and 3B were trained with 32."""
+    name = llama32_shape(args)
+    if name is not None:
+        return 32.0, f"the Llama {name} shape"
+    return 8.0, "not a Llama 3.2 shape"
 
 
 def _read_json(path: Path) -> dict:

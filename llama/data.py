@@ -5,7 +5,12 @@
    of all tokens plus an index of document offsets. Each document is framed as
    BOS + tokens + EOS. Later runs reuse the cache while the source files (paths
    and the sha256 of their bytes) and the tokenizer (its fingerprint) are
-   unchanged.
+   unchanged. The cache records its largest token id (`max_token_id`), so a
+   check against the model's vocabulary needs no scan. Files are read in parts
+   of whole lines, tokenized in a background thread or in `workers` fresh
+   processes, and written in corpus order: the same bytes whatever the number
+   of workers. `python -m llama.data prepare` builds the caches train.py will
+   open, ahead of time and on every core.
 2. `PackedDataset(cache, seq_len, seed)` cuts the token stream into windows of
    seq_len + 1 tokens with stride seq_len: inputs are a window's first seq_len
    tokens, targets its last seq_len, and consecutive windows share one token so
@@ -42,32 +47,40 @@ counted, and reported as a warning line on stderr.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import multiprocessing
+import multiprocessing.forkserver
 import os
+import signal
 import sys
 import sysconfig
+import threading
 import time
 from abc import ABC, abstractmethod
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, TokenizerFileError, load_tokenizer
 
 PathLike = Union[str, os.PathLike]
 Sources = Union[PathLike, Sequence[PathLike]]
 
-CACHE_VERSION = 2  # 2: keyed on the sha256 of the files' bytes instead of size and mtime
+# 2: keyed on the sha256 of the files' bytes instead of size and mtime; 3: records max_token_id
+CACHE_VERSION = 3
 HASH_CHUNK_BYTES = 16 << 20
 IGNORE_INDEX = -100  # a target the loss skips (torch.nn.functional.cross_entropy's default)
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py")  # one file = one document
 JSONL_SUFFIXES = (".jsonl",)  # one line = one document, its "text" field
-ENCODE_BATCH_CHARS = 8_000_000  # text handed to the tokenizer's threads at once
+PART_BYTES = 1 << 20  # the work handed to a tokenizing thread or process at once
 
 # Stdlib modules with much prose in docstrings and comments: the demo corpus.
 # Resolved as name.py or name/__init__.py so the list survives modules turning
@@ -137,7 +150,8 @@ def find_source_files(sources: Sources) -> list[Path]:
                                 f"({', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)})")
             files += found
         else:
-            raise DataError(f"{source}: no such data file or directory")
+            raise DataError(f"{source}: no such data file or directory; check the path, or pass text/.jsonl "
+                            "files or directories that exist")
     return files
 
 
@@ -153,11 +167,10 @@ def _decode_utf8(raw: bytes) -> tuple[str, int, int]:
 
 @dataclass
 class _FileReport:
-    """What reading one file saw: bytes, and invalid UTF-8 for its warning line."""
+    """Invalid UTF-8 that reading one file (or one part of it) replaced, for its warning line."""
 
     replaced: int = 0
     first_line: int = 0
-    bytes_read: int = 0
 
     def add(self, replaced: int, line: int) -> None:
         if replaced and not self.replaced:
@@ -165,44 +178,253 @@ class _FileReport:
         self.replaced += replaced
 
 
-def _read_documents(path: Path, report: _FileReport) -> Iterator[str]:
-    """The non-empty documents of one data file."""
-    if path.suffix in JSONL_SUFFIXES:
-        yield from _read_jsonl(path, report)
+@dataclass
+class FilePart:
+    """A unit of work: a whole text file, or whole consecutive lines of a file read
+    line by line (a .jsonl file, or any file holding conversation records)."""
+
+    path: Path
+    fmt: str  # "text", or a conversation format of llama/chat.py
+    first_line: int  # 1-based line number of the first line in data
+    data: bytes
+
+    @property
+    def by_lines(self) -> bool:
+        return _read_by_lines(self.path, self.fmt)
+
+    def numbered_lines(self) -> Iterator[tuple[int, bytes]]:
+        return enumerate(self.data.split(b"\n"), self.first_line)
+
+
+def _read_by_lines(path: Path, fmt: str) -> bool:
+    return fmt != "text" or path.suffix in JSONL_SUFFIXES
+
+
+def read_parts(path: Path, fmt: str = "text", part_bytes: int | None = None) -> Iterator[FilePart]:
+    """A file as parts of about part_bytes (default PART_BYTES), cut only between lines:
+    a text file is one document, so it stays one part, whatever its size."""
+    part_bytes = part_bytes or PART_BYTES
+    if not _read_by_lines(path, fmt):
+        yield FilePart(path, fmt, 1, path.read_bytes())
         return
-    raw = path.read_bytes()
-    text, replaced, line = _decode_utf8(raw)
-    report.add(replaced, line)
-    report.bytes_read += len(raw)
-    if text.strip():
-        yield text
-
-
-def _read_jsonl(path: Path, report: _FileReport) -> Iterator[str]:
+    first_line, carry = 1, b""
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            report.bytes_read += len(raw)
-            if not raw.strip():
-                continue
-            line, replaced, _ = _decode_utf8(raw)
-            report.add(replaced, lineno)
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
-                                "each line must be one JSON object like {\"text\": \"...\"}") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object with a \"text\" field, "
-                                f"got a JSON {type(record).__name__}")
-            if "text" not in record:
-                keys = ", ".join(list(record)[:8]) or "none"
-                raise DataError(f"{path}:{lineno}: JSON object has no \"text\" field (keys: {keys}); "
-                                "rename the field holding the document to \"text\"")
-            if not isinstance(record["text"], str):
-                raise DataError(f"{path}:{lineno}: \"text\" is a JSON {type(record['text']).__name__}, "
-                                "expected a string")
-            if record["text"]:
-                yield record["text"]
+        while block := f.read(part_bytes):
+            block = carry + block
+            cut = block.rfind(b"\n") + 1  # 0: no line ends in it yet, read on
+            data, carry = block[:cut], block[cut:]
+            if data:
+                yield FilePart(path, fmt, first_line, data)
+                first_line += data.count(b"\n")
+    if carry:
+        yield FilePart(path, fmt, first_line, carry)
+
+
+def chunks_of_parts(parts: Iterator[FilePart], chunk_bytes: int | None = None) -> Iterator[list[FilePart]]:
+    """Consecutive parts grouped into chunks of up to chunk_bytes (default PART_BYTES; a
+    larger part is a chunk of its own): many small files make one tokenizer call, not one each."""
+    chunk_bytes, chunk, size = chunk_bytes or PART_BYTES, [], 0
+    for part in parts:
+        if chunk and size + len(part.data) > chunk_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(part)
+        size += len(part.data)
+    if chunk:
+        yield chunk
+
+
+def part_documents(part: FilePart, report: _FileReport) -> Iterator[str]:
+    """The non-empty text documents of one part: the whole file, or the "text" field of each line."""
+    if not part.by_lines:
+        text, replaced, line = _decode_utf8(part.data)
+        report.add(replaced, line)
+        if text.strip():
+            yield text
+        return
+    for lineno, raw in part.numbered_lines():
+        if not raw.strip():
+            continue
+        line, replaced, _ = _decode_utf8(raw)
+        report.add(replaced, lineno)
+        yield from _text_field(part.path, lineno, line)
+
+
+def _text_field(path: Path, lineno: int, line: str) -> Iterator[str]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                        "each line must be one JSON object like {\"text\": \"...\"}") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object with a \"text\" field, "
+                        f"got a JSON {type(record).__name__}")
+    if "text" not in record:
+        keys = ", ".join(list(record)[:8]) or "none"
+        raise DataError(f"{path}:{lineno}: JSON object has no \"text\" field (keys: {keys}); "
+                        "rename the field holding the document to \"text\"")
+    if not isinstance(record["text"], str):
+        raise DataError(f"{path}:{lineno}: \"text\" is a JSON {type(record['text']).__name__}, "
+                        "expected a string")
+    if record["text"]:
+        yield record["text"]
+
+
+# ---------------------------------------------------------------------------
+# Encoding chunks in parallel, results in order
+
+
+def default_workers() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+_worker_tokenizer: Tokenizer | None = None  # set in each worker process by _init_worker
+
+
+def _tokenizer_source(tokenizer: Tokenizer) -> Union[str, Tokenizer]:
+    """What a worker loads its tokenizer from: a name or a path, or (for a tokenizer
+    load_tokenizer cannot make) the object itself, pickled."""
+    if tokenizer.kind == "bytes":
+        return "bytes"
+    model_path = getattr(tokenizer, "model_path", None)
+    return str(model_path) if model_path is not None else tokenizer
+
+
+def _init_worker(source: Union[str, Tokenizer], fingerprint: str) -> None:
+    global _worker_tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    tokenizer = load_tokenizer(source) if isinstance(source, str) else source
+    if tokenizer.fingerprint != fingerprint:
+        raise DataError(f"{source}: the tokenizer changed while the cache was being built; run again")
+    _worker_tokenizer = tokenizer
+
+
+def _with_worker_tokenizer(fn: Callable, chunk):
+    return fn(_worker_tokenizer, chunk)
+
+
+def useful_workers(workers: int, total_bytes: int) -> int:
+    """No more workers than chunks: a small corpus is not worth starting processes for."""
+    return max(1, min(workers, -(-total_bytes // PART_BYTES)))
+
+
+def _process_context():
+    """Never fork: a forked copy of a process running threads (torch, tiktoken) can deadlock.
+    forkserver where the platform has one: a fresh process imports the llama package (and
+    torch with it) once, then forks every worker from that clean state in milliseconds,
+    instead of each spawned worker paying seconds for its own imports. Else spawn."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    # The package (torch) and not this module: under `python -m llama.data` each worker
+    # runs this module as its __mp_main__, which must not be imported already.
+    context.set_forkserver_preload(["llama"])
+    if threading.current_thread() is threading.main_thread():  # only it may set handlers
+        # Started with SIGINT ignored, the server and the workers it forks keep ignoring
+        # it: Ctrl-C, sent to the whole process group, stops this process alone, with one
+        # message instead of a traceback per process.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    return context
+
+
+def map_in_order(fn: Callable, tokenizer: Tokenizer, chunks: Iterator, workers: int = 1) -> Iterator:
+    """fn(tokenizer, chunk) for every chunk, yielded in the order of the chunks.
+
+    workers == 1: in a background thread of this process, so reading the next chunk
+    overlaps encoding this one. workers > 1: in that many fresh processes (forkserver
+    or spawn, never fork), each loading its own tokenizer by path (a tiktoken or
+    SentencePiece object does not pickle cheaply). At most two chunks per worker are
+    in flight, so memory stays bounded on a corpus of any size, and the first error
+    in corpus order is the one raised.
+    """
+    if workers <= 1:
+        pool = ThreadPoolExecutor(1)
+        submit = lambda chunk: pool.submit(fn, tokenizer, chunk)  # noqa: E731
+    else:
+        pool = ProcessPoolExecutor(workers, mp_context=_process_context(), initializer=_init_worker,
+                                   initargs=(_tokenizer_source(tokenizer), tokenizer.fingerprint))
+        submit = lambda chunk: pool.submit(_with_worker_tokenizer, fn, chunk)  # noqa: E731
+    in_flight: deque[Future] = deque()
+    try:
+        for chunk in chunks:
+            in_flight.append(submit(chunk))
+            if len(in_flight) >= 2 * workers:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Progress:
+    """How far a cache build is, on stderr: a bar redrawn in place on a terminal,
+    otherwise a plain line at every further 10% of the bytes or 10 s, whichever is first."""
+
+    LINE_EVERY_S = 10.0
+    LINE_EVERY_FRACTION = 0.1
+    BAR_EVERY_S = 0.2
+    BAR_WIDTH = 24
+
+    def __init__(self, verb: str, total_bytes: int, *, unit: str = "documents", quiet: bool = False,
+                 stream=None):
+        self.verb, self.unit, self.total, self.quiet = verb, unit, max(total_bytes, 1), quiet
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = not quiet and self.stream.isatty()
+        self.start = self.last_shown = time.perf_counter()
+        self.steps_shown = 0  # whole LINE_EVERY_FRACTIONs done at the last line
+        self.drawn = False
+
+    def update(self, done_bytes: int, documents: int, tokens: int) -> None:
+        if self.quiet:
+            return
+        now = time.perf_counter()
+        fraction = min(done_bytes / self.total, 1.0)
+        steps = int(fraction / self.LINE_EVERY_FRACTION + 1e-9)
+        if self.tty:
+            due = now - self.last_shown >= self.BAR_EVERY_S or fraction == 1.0
+        else:
+            due = steps > self.steps_shown or now - self.last_shown >= self.LINE_EVERY_S
+        if not due:
+            return
+        if self.tty:
+            self._show(f"\r{self._bar(fraction, done_bytes, documents, tokens, now)}\x1b[K")
+            self.drawn = True
+        else:
+            self._show(f"{self._line(fraction, done_bytes, documents, tokens, now)}\n")
+        self.last_shown, self.steps_shown = now, steps
+
+    def finish(self, summary: str) -> None:
+        if not self.quiet:
+            self._show(("\r\x1b[K" if self.drawn else "") + summary + "\n")
+
+    def _rates(self, fraction: float, done_bytes: int, now: float) -> tuple[float, str]:
+        seconds = max(now - self.start, 1e-9)
+        eta = seconds * (1 - fraction) / fraction if fraction > 0 else None
+        return done_bytes / 1e6 / seconds, "?" if eta is None else f"{int(eta) // 60}:{int(eta) % 60:02d}"
+
+    def _bar(self, fraction: float, done_bytes: int, documents: int, tokens: int, now: float) -> str:
+        mb_per_s, eta = self._rates(fraction, done_bytes, now)
+        filled = int(fraction * self.BAR_WIDTH)
+        return (f"{self.verb} [{'#' * filled}{'.' * (self.BAR_WIDTH - filled)}] {100 * fraction:3.0f}% "
+                f"{done_bytes / 1e6:.1f}/{self.total / 1e6:.1f} MB | {documents:,} {self.unit} | "
+                f"{tokens:,} tokens | {mb_per_s:.1f} MB/s | ETA {eta}")
+
+    def _line(self, fraction: float, done_bytes: int, documents: int, tokens: int, now: float) -> str:
+        mb_per_s, eta = self._rates(fraction, done_bytes, now)
+        return (f"{self.verb}: {100 * fraction:.0f}% ({done_bytes / 1e6:.1f}/{self.total / 1e6:.1f} MB), "
+                f"{documents:,} {self.unit}, {tokens:,} tokens, {mb_per_s:.1f} MB/s, ETA {eta}")
+
+    def _show(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
 
 
 # ---------------------------------------------------------------------------
@@ -220,6 +442,12 @@ class TokenCache:
     path: Path  # the cache's .json description; .tokens.u32 and .docs.npy sit next to it
     hit: bool  # True when loaded from disk without tokenizing
     invalid_utf8: int = 0  # byte sequences replaced with U+FFFD when it was built
+    max_token_id: Optional[int] = None  # the largest id in tokens, recorded when the cache was built
+    #                                     (check it against the model's vocabulary without a scan)
+
+    def __post_init__(self):
+        if self.max_token_id is None:  # a cache made in memory: scan it once
+            self.max_token_id = largest_token_id(self.tokens)
 
     @property
     def num_tokens(self) -> int:
@@ -234,6 +462,11 @@ class TokenCache:
 
     def describe(self) -> str:
         return _describe(self.files)
+
+
+def largest_token_id(tokens: np.ndarray, block: int = 1 << 26) -> int:
+    """max(tokens), or -1 when empty; blockwise, so a memory-mapped array is not copied whole."""
+    return max((int(tokens[i:i + block].max()) for i in range(0, len(tokens), block)), default=-1)
 
 
 def _describe(files: list[Path]) -> str:
@@ -275,8 +508,7 @@ def source_stats(files: list[Path]) -> list[tuple[str, int, str]]:
 
 
 def load_token_cache(sources: Sources, tokenizer: Tokenizer, cache_dir: PathLike | None = None, *,
-                     quiet: bool = False, num_threads: int | None = None,
-                     progress_every_mb: float = 16.0) -> TokenCache:
+                     quiet: bool = False, workers: int = 1, num_threads: int | None = None) -> TokenCache:
     """Tokenize `sources` into a cache, or open the cache a previous run left.
 
     The cache is reused while the source files (resolved paths and the sha256
@@ -284,6 +516,8 @@ def load_token_cache(sources: Sources, tokenizer: Tokenizer, cache_dir: PathLike
     Files are written under temporary names and renamed, so an interrupted or
     concurrent build never leaves a cache that looks valid but is not. In a
     multi-process run, call it on one rank first, then barrier, then on all.
+    A build tokenizes in `workers` processes (1: in this one, on `num_threads`
+    threads, all cores by default); the cache is byte for byte the same either way.
     """
     files = find_source_files(sources)
     stats = source_stats(files)
@@ -302,8 +536,30 @@ def load_token_cache(sources: Sources, tokenizer: Tokenizer, cache_dir: PathLike
                  f"{cache.num_docs:,} documents from {len(files)} files)")
         return cache
     cache_dir.mkdir(parents=True, exist_ok=True)
-    return _build_cache(files, stats, tokenizer, meta_path, key, quiet=quiet,
-                        num_threads=num_threads, progress_every_mb=progress_every_mb)
+    return _build_cache(files, stats, tokenizer, meta_path, key, quiet=quiet, workers=workers,
+                        num_threads=num_threads)
+
+
+def open_token_cache(meta_path: PathLike, sources: Sources) -> TokenCache:
+    """The cache at `meta_path`, as another process of the run just built or found it, without
+    hashing the sources again: in a multi-process run rank 0 calls load_token_cache and
+    the others open its result (on a large corpus, each rank re-reading every file for its
+    sha256 would multiply the start-up's reads by the number of ranks)."""
+    return open_built_cache(meta_path, sources, _open_cache, "token cache")
+
+
+def open_built_cache(meta_path: PathLike, sources: Sources, opener: Callable, what: str):
+    """`opener(meta_path, key, files)` with the key the cache's description records."""
+    meta_path = Path(meta_path)
+    hint = "is --cache-dir on a filesystem every node sees?"
+    try:
+        key = json.loads(meta_path.read_text())["key"]
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"{meta_path}: {what} unreadable on this node ({err}); {hint}") from None
+    cache = opener(meta_path, key, find_source_files(sources))
+    if cache is None:
+        raise DataError(f"{meta_path}: {what} incomplete on this node; {hint}")
+    return cache
 
 
 def _cache_paths(meta_path: Path) -> tuple[Path, Path]:
@@ -326,89 +582,77 @@ def _open_cache(meta_path: Path, key: str, files: list[Path]) -> TokenCache | No
     # 8 private copies of an 8 GB index; the page cache holds one, shared
     doc_offsets = np.load(docs_path, mmap_mode="r")
     return TokenCache(tokens, doc_offsets, files, meta_path, hit=True,
-                      invalid_utf8=meta.get("invalid_utf8", 0))
+                      invalid_utf8=meta.get("invalid_utf8", 0), max_token_id=meta["max_token_id"])
+
+
+@dataclass
+class EncodedDocuments:
+    """One chunk's documents, tokenized: what a worker sends back."""
+
+    tokens: np.ndarray  # uint32, the documents back to back, each BOS ... EOS
+    lengths: np.ndarray  # int64, tokens per document
+    reports: list[tuple[Path, _FileReport]]  # per part: its invalid UTF-8
+    num_bytes: int  # of the files' bytes
+
+
+def encode_text_chunk(tokenizer: Tokenizer, chunk: list[FilePart],
+                      num_threads: int | None = None) -> EncodedDocuments:
+    texts, reports = [], []
+    for part in chunk:
+        report = _FileReport()
+        texts += part_documents(part, report)
+        reports.append((part.path, report))
+    ids = tokenizer.encode_batch(texts, bos=True, eos=True, num_threads=num_threads)
+    tokens = np.concatenate(ids).astype(np.uint32, copy=False) if ids else np.empty(0, np.uint32)
+    return EncodedDocuments(tokens, np.array([len(i) for i in ids], dtype=np.int64), reports,
+                            sum(len(part.data) for part in chunk))
 
 
 class _TokenWriter:
-    """Appends documents' tokens to the cache file. One batch is encoded in the
-    background while the caller reads the next, so file reading overlaps encoding."""
+    """Appends encoded chunks to the cache's token file, keeping what its description needs."""
 
-    def __init__(self, out, tokenizer: Tokenizer, num_threads: int | None):
-        self.out, self.tokenizer, self.num_threads = out, tokenizer, num_threads
-        self.doc_lengths: list[int] = []
-        self.num_tokens = 0
-        self._pool = ThreadPoolExecutor(1)
-        self._in_flight: Future | None = None
+    def __init__(self, out):
+        self.out = out
+        self.lengths: list[np.ndarray] = []  # tokens per document, a chunk at a time
+        self.num_docs = self.num_tokens = 0
+        self.max_token_id = -1
 
-    def submit(self, texts: list[str]) -> None:
-        self._write_in_flight()
-        self._in_flight = self._pool.submit(self.tokenizer.encode_batch, texts, bos=True, eos=True,
-                                            num_threads=self.num_threads)
-
-    def _write_in_flight(self) -> None:
-        if self._in_flight is None:
-            return
-        for ids in self._in_flight.result():
-            self.out.write(ids.astype("<u4", copy=False).tobytes())
-            self.doc_lengths.append(len(ids))
-            self.num_tokens += len(ids)
-        self._in_flight = None
-
-    def __enter__(self) -> "_TokenWriter":
-        return self
-
-    def __exit__(self, exc_type, *_) -> None:
-        try:
-            if exc_type is None:
-                self._write_in_flight()
-        finally:
-            self._pool.shutdown(cancel_futures=True)
+    def write(self, encoded: EncodedDocuments) -> None:
+        self.out.write(encoded.tokens.astype("<u4", copy=False).tobytes())
+        self.lengths.append(encoded.lengths)
+        self.num_docs += len(encoded.lengths)
+        self.num_tokens += len(encoded.tokens)
+        self.max_token_id = max(self.max_token_id, largest_token_id(encoded.tokens))
 
 
 def _build_cache(files: list[Path], stats: list, tokenizer: Tokenizer, meta_path: Path, key: str, *,
-                 quiet: bool, num_threads: int | None, progress_every_mb: float) -> TokenCache:
+                 quiet: bool, workers: int, num_threads: int | None) -> TokenCache:
     tokens_path, docs_path = _cache_paths(meta_path)
     meta_path.unlink(missing_ok=True)  # the old cache is invalid from now on
     tmp = f".tmp{os.getpid()}"
     tokens_tmp = tokens_path.with_name(tokens_path.name + tmp)
     docs_tmp = docs_path.with_name(docs_path.name + tmp)
     total_bytes = sum(size for _, size, _ in stats)
-    pending: list[str] = []
-    pending_chars = bytes_done = invalid_utf8 = 0
-    next_report = progress_every_mb * 1e6
-    # Tokenize in batches: big enough to keep all threads busy, small enough
-    # for a progress line every progress_every_mb.
-    batch_chars = max(1, min(ENCODE_BATCH_CHARS, int(progress_every_mb * 1e6)))
-    start = time.perf_counter()
+    progress = Progress("tokenizing", total_bytes, quiet=quiet)
+    workers = useful_workers(workers, total_bytes)
+    reports = {path: _FileReport() for path in files}
+    chunks = chunks_of_parts(part for path in files for part in read_parts(path))
+    encode = partial(encode_text_chunk, num_threads=num_threads if workers <= 1 else 1)
+    bytes_done = 0
 
     try:
-        with open(tokens_tmp, "wb") as out, _TokenWriter(out, tokenizer, num_threads) as writer:
-            for i, path in enumerate(files):
-                report = _FileReport()
-                for text in _read_documents(path, report):
-                    pending.append(text)
-                    pending_chars += len(text)
-                    if pending_chars >= batch_chars:
-                        writer.submit(pending)
-                        pending, pending_chars = [], 0
-                        done = bytes_done + report.bytes_read
-                        if not quiet and done >= next_report:
-                            rate = done / 1e6 / max(time.perf_counter() - start, 1e-9)
-                            _log(f"tokenizing: {done / 1e6:.1f}/{total_bytes / 1e6:.1f} MB, "
-                                 f"{writer.num_tokens:,} tokens, {rate:.1f} MB/s, file {i + 1}/{len(files)}")
-                            next_report = done + progress_every_mb * 1e6
-                bytes_done += report.bytes_read
-                if report.replaced:
-                    invalid_utf8 += report.replaced
-                    _log(f"warning: {path}:{report.first_line}: {report.replaced} invalid UTF-8 "
-                         "byte sequence(s) replaced with U+FFFD")
-            if pending:
-                writer.submit(pending)
-        doc_lengths, num_tokens = writer.doc_lengths, writer.num_tokens
-        if not doc_lengths:
+        with open(tokens_tmp, "wb") as out:
+            writer = _TokenWriter(out)
+            for encoded in map_in_order(encode, tokenizer, chunks, workers):
+                writer.write(encoded)
+                for path, report in encoded.reports:
+                    reports[path].add(report.replaced, report.first_line)
+                bytes_done += encoded.num_bytes
+                progress.update(bytes_done, writer.num_docs, writer.num_tokens)
+        if not writer.num_docs:
             raise DataError(f"{_describe(files)}: empty corpus, no non-empty document to train on; "
                             "add text")
-        doc_offsets = np.concatenate([[0], np.cumsum(doc_lengths)]).astype(np.int64)
+        doc_offsets = np.concatenate([[0], np.cumsum(np.concatenate(writer.lengths))]).astype(np.int64)
         with open(docs_tmp, "wb") as f:
             np.save(f, doc_offsets)
         os.replace(tokens_tmp, tokens_path)
@@ -417,20 +661,33 @@ def _build_cache(files: list[Path], stats: list, tokenizer: Tokenizer, meta_path
         tokens_tmp.unlink(missing_ok=True)
         docs_tmp.unlink(missing_ok=True)
 
+    invalid_utf8 = sum(report.replaced for report in reports.values())
     meta = {"version": CACHE_VERSION, "key": key, "tokenizer": tokenizer.fingerprint,
-            "tokenizer_kind": tokenizer.kind, "num_tokens": num_tokens, "num_docs": len(doc_lengths),
-            "invalid_utf8": invalid_utf8, "files": stats}
+            "tokenizer_kind": tokenizer.kind, "num_tokens": writer.num_tokens, "num_docs": writer.num_docs,
+            "max_token_id": writer.max_token_id, "invalid_utf8": invalid_utf8, "files": stats}
     meta_tmp = meta_path.with_name(meta_path.name + tmp)
     meta_tmp.write_text(json.dumps(meta))
     os.replace(meta_tmp, meta_path)  # written last: it marks the cache complete
 
-    if not quiet:
-        seconds = time.perf_counter() - start
-        _log(f"tokenized {len(files)} files, {len(doc_lengths):,} documents, {num_tokens:,} tokens "
-             f"in {seconds:.1f}s ({total_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s) -> {tokens_path}")
+    progress.finish(_summary("tokenized", len(files), writer.num_docs, writer.num_tokens, progress, workers,
+                             meta_path))
+    for path, report in reports.items():
+        if report.replaced:
+            _log(f"warning: {path}:{report.first_line}: {report.replaced} invalid UTF-8 "
+                 "byte sequence(s) replaced with U+FFFD")
     tokens = np.memmap(tokens_path, dtype="<u4", mode="r")
     doc_offsets = np.load(docs_path, mmap_mode="r")  # as a cache hit sees it
-    return TokenCache(tokens, doc_offsets, files, meta_path, hit=False, invalid_utf8=invalid_utf8)
+    return TokenCache(tokens, doc_offsets, files, meta_path, hit=False, invalid_utf8=invalid_utf8,
+                      max_token_id=writer.max_token_id)
+
+
+def _summary(verb: str, num_files: int, num_docs: int, num_tokens: int, progress: Progress, workers: int,
+             meta_path: Path) -> str:
+    """The one line that ends a build."""
+    seconds = time.perf_counter() - progress.start
+    return (f"{verb} {num_files} files: {num_docs:,} {progress.unit}, {num_tokens:,} tokens in {seconds:.1f}s "
+            f"({num_tokens / max(seconds, 1e-9):,.0f} tokens/s, {workers} worker{'s' * (workers != 1)}) "
+            f"-> {meta_path}")
 
 
 # ---------------------------------------------------------------------------
@@ -765,6 +1022,81 @@ def eval_batches(dataset: WindowDataset, num_batches: int, global_batch: int, dp
         yield dataset.get_batch(first, dp_rank, dp_size, micro_batch)
 
 
+# ---------------------------------------------------------------------------
+# Tokenizing ahead of training: python -m llama.data prepare
+
+
+PREPARE_DESCRIPTION = """\
+Tokenize a corpus ahead of training, on every core, into exactly the cache that
+train.py opens for the same --data, --tokenizer, --cache-dir, --data-format,
+--train-on, --skip-bad-lines and --val-data: train.py then starts without
+tokenizing. Chat and instruction .jsonl data go to the conversation cache, as in
+train.py. The cache is the same byte for byte whatever the number of workers.
+
+  python -m llama.data prepare --data corpus/ --tokenizer tokenizer.model
+"""
+
+
+def prepare(data: Sequence[PathLike] | None, tokenizer: Tokenizer, cache_dir: PathLike | None = None, *,
+            data_format: str = "auto", train_on: str = "assistant", skip_bad_lines: bool = False,
+            val_data: Sequence[PathLike] | None = None, workers: int = 1, quiet: bool = False) -> list:
+    """The caches train.py's build_data opens for the same settings, built if missing:
+    [train cache] or [train cache, validation cache]. Each worker uses one core."""
+    from llama.chat import is_chat_data, load_conversation_cache
+
+    sources = data or default_corpus_paths()
+    chat = is_chat_data(sources, data_format)  # as in train.py: the training data decides for both
+    caches = []
+    for paths in [sources] + ([val_data] if val_data else []):
+        if chat:
+            caches.append(load_conversation_cache(
+                paths, tokenizer, cache_dir, data_format=data_format, train_on=train_on,
+                skip_bad_lines=skip_bad_lines, quiet=quiet, workers=workers))
+        else:
+            caches.append(load_token_cache(paths, tokenizer, cache_dir, quiet=quiet, workers=workers,
+                                           num_threads=1))
+    return caches
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from llama.chat import DATA_FORMATS, TRAIN_ON
+
+    parser = argparse.ArgumentParser(prog="python -m llama.data", description="Data tools.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = commands.add_parser("prepare", help="tokenize a corpus into the cache train.py reads",
+                            description=PREPARE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", nargs="*", metavar="PATH",
+                   help="text / .jsonl files or directories, as given to train.py (default: Python's stdlib sources)")
+    p.add_argument("--tokenizer", default="bytes",
+                   help="tokenizer.model (Llama 3 or 2) or 'bytes', as given to train.py (default: %(default)s)")
+    p.add_argument("--cache-dir", help="token cache directory (default: .token_cache next to the data)")
+    p.add_argument("--data-format", default="auto", choices=DATA_FORMATS,
+                   help=".jsonl format: chat messages, alpaca, prompt-completion or text (default: detected per file)")
+    p.add_argument("--train-on", default="assistant", choices=TRAIN_ON,
+                   help="chat data: which tokens the loss applies to (default: %(default)s)")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="count and report bad .jsonl lines instead of stopping (default: stop)")
+    p.add_argument("--val-data", nargs="*", metavar="PATH",
+                   help="held-out files or directories, as given to train.py (default: none)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="processes tokenizing in parallel, one core each (default: %(default)s, the cores "
+                        "this process may use)")
+    opts = parser.parse_args(argv)
+    if opts.workers < 1:
+        p.error(f"--workers must be >= 1, got {opts.workers}")
+    try:
+        prepare(opts.data, load_tokenizer(opts.tokenizer), opts.cache_dir, data_format=opts.data_format,
+                train_on=opts.train_on, skip_bad_lines=opts.skip_bad_lines, val_data=opts.val_data,
+                workers=opts.workers)
+    except (DataError, TokenizerFileError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: no cache was written for the data being tokenized", file=sys.stderr, flush=True)
+        return 130
+    return 0
+
+
 def __getattr__(name: str):
     # Chat data lives in llama/chat.py, which imports this module; importing it
     # lazily lets `from llama.data import encode_conversation` work either way round.
@@ -776,3 +1108,11 @@ def __getattr__(name: str):
 
 _CHAT_EXPORTS = ("encode_conversation", "ChatDataset", "ConversationCache", "load_conversation_cache",
                  "is_chat_data", "detect_data_format", "DATA_FORMATS", "TRAIN_ON")
+
+
+if __name__ == "__main__":
+    # Run the copy of this module that llama.chat imports, not this __main__ one,
+    # so DataError and friends are one class each.
+    from llama.data import main as _main
+
+    sys.exit(_main())

@@ -46,6 +46,9 @@ class DocumentMask:
     kernel: str
     dense: Optional[torch.Tensor] = None  # (batch, 1, seq, seq) bool, for "sdpa"
     block: Any = None  # flex attention's BlockMask, for "flex"
+    # context parallelism, "sdpa": (query rows, keys they can see) per run of queries, so
+    # that no query is scored against keys after its chunk (about half of them)
+    key_prefixes: Optional[tuple] = None
 
 
 def document_mask(document_ids: torch.Tensor, kernel: Optional[str] = None) -> DocumentMask:
@@ -106,6 +109,16 @@ def gqa_needs_expanded_kv(dtype: torch.dtype, device, masked: bool = False) -> b
 
 def masked_attention(q, k, v, mask: DocumentMask, enable_gqa: bool) -> torch.Tensor:
     """q: (batch, heads, seq, head_dim); k, v: (batch, kv_heads, seq, head_dim)."""
+    if mask.kernel == "sdpa" and mask.key_prefixes is not None:
+        outs, start = [], 0
+        for rows, keys in mask.key_prefixes:
+            end = start + rows
+            outs.append(F.scaled_dot_product_attention(
+                q[:, :, start:end], k[:, :, :keys], v[:, :, :keys], attn_mask=mask.dense[:, :, start:end, :keys],
+                enable_gqa=enable_gqa,
+            ))
+            start = end
+        return torch.cat(outs, dim=2)
     if mask.kernel == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=enable_gqa)
     return _flex_attention()(q, k, v, block_mask=mask.block, enable_gqa=enable_gqa)
@@ -120,3 +133,45 @@ def check_document_ids(document_ids: torch.Tensor, tokens: torch.Tensor) -> None
             f"document_ids must be an integer tensor shaped like tokens {tuple(tokens.shape)}, "
             f"got {tuple(document_ids.shape)} {document_ids.dtype}"
         )
+
+
+def context_parallel_mask(
+    query_positions: torch.Tensor,
+    seq_len: int,
+    document_ids: Optional[torch.Tensor] = None,
+    query_document_ids: Optional[torch.Tensor] = None,
+    kernel: Optional[str] = None,
+    key_prefixes: Optional[tuple] = None,
+) -> DocumentMask:
+    """Context parallelism (parallel/context.py): this rank's queries, at global positions
+    `query_positions` (local_seq,), against the whole sequence's keys 0..seq_len-1 in order.
+    Causal by global position; with documents, also within the query's document:
+    `document_ids` (batch, seq_len) of the whole sequence, `query_document_ids` (batch,
+    local_seq) of this rank's tokens. `key_prefixes`: (query rows, keys they can see) per
+    chunk of queries, for the dense kernel to skip the keys no query of a chunk can see
+    (flex skips them by blocks). Built once per forward and shared by every layer."""
+    device = query_positions.device
+    kernel = kernel or default_kernel(device)
+    if kernel not in KERNELS:
+        raise ValueError(f"attention kernel {kernel!r} is not one of {KERNELS}")
+    if kernel == "sdpa":
+        allowed = (query_positions[:, None] >= torch.arange(seq_len, device=device)[None, :])[None]
+        if document_ids is not None:
+            allowed = allowed & (query_document_ids[:, :, None] == document_ids[:, None, :])
+        return DocumentMask(kernel, dense=allowed.unsqueeze(1), key_prefixes=key_prefixes)
+
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def causal(b, h, q_idx, kv_idx):
+        return query_positions[q_idx] >= kv_idx
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (query_positions[q_idx] >= kv_idx) & (query_document_ids[b, q_idx] == document_ids[b, kv_idx])
+
+    mask_mod = causal if document_ids is None else same_document_causal
+    batch = None if document_ids is None else document_ids.shape[0]
+    block = create_block_mask(
+        mask_mod, B=batch, H=None, Q_LEN=query_positions.shape[0], KV_LEN=seq_len, device=device,
+        _compile=query_positions.is_cuda,
+    )
+    return DocumentMask(kernel, block=block)

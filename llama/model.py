@@ -18,7 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate
 
+from parallel.context import cp_key_prefixes, cp_positions, cp_size, gather_for_cp, split_for_cp
 from parallel.layers import (
     ColumnParallelLinear,
     RegionInput,
@@ -33,11 +35,12 @@ from parallel.layers import (
     sharded_parameter,
     tp_size,
 )
-from torch.distributed.tensor import Replicate
 
 from .config import ModelArgs
 from .masks import (
-    DocumentMask, check_document_ids, document_mask, document_positions, gqa_needs_expanded_kv, masked_attention)
+    DocumentMask, check_document_ids, context_parallel_mask, document_mask, document_positions, gqa_needs_expanded_kv,
+    masked_attention)
+from .norm import rms_norm
 from .rope import apply_rope, rope_table
 
 
@@ -53,8 +56,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = local_tensor(self.weight, partial_grad=self.partial_grad)
         if x.dtype == torch.float32:
-            # same values in fewer passes over x (forward and backward: about a quarter
-            # less time on CPU); other dtypes round the normalised x before the weight
+            # same values in fewer passes over x (a fused kernel on CUDA, a hand-written
+            # backward on CPU); other dtypes round the normalised x before the weight
+            if x.device.type == "cpu":
+                return rms_norm(x, weight, self.eps)
             return F.rms_norm(x, weight.shape, weight, self.eps)
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -85,8 +90,12 @@ def offset_causal_mask(seqlen: int, start_pos: int, device) -> Optional[torch.Te
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, tp_mesh: Optional[DeviceMesh] = None, sequence_parallel: bool = False):
+    def __init__(
+        self, args: ModelArgs, tp_mesh: Optional[DeviceMesh] = None, sequence_parallel: bool = False,
+        cp_mesh: Optional[DeviceMesh] = None,
+    ):
         super().__init__()
+        self.cp_mesh = cp_mesh  # context parallelism: keys and values come from every cp rank
         self.head_dim = args.head_dim
         self.layout = head_layout(args.n_heads, args.n_kv_heads, tp_mesh)
         kv_dim = args.n_kv_heads * args.head_dim
@@ -119,6 +128,12 @@ class Attention(nn.Module):
         xk = self.wk(x).view(bsz, seqlen, self.layout.n_local_kv_heads, self.head_dim)
         xv = self.wv(x).view(bsz, seqlen, self.layout.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rope(xq, cos, sin), apply_rope(xk, cos, sin)
+        if cp_size(self.cp_mesh) > 1:
+            # this rank's queries read the whole sequence's keys and values: one all-gather
+            # of both, kv heads only (before any expansion to query heads); the mask holds
+            # global positions
+            kv = gather_for_cp(torch.cat([xk, xv], dim=2), self.cp_mesh)
+            xk, xv = kv.split(self.layout.n_local_kv_heads, dim=2)
 
         causal, cache_mask = True, None
         if kv_cache is not None:
@@ -165,10 +180,10 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, layer_id: int, args: ModelArgs, tp_mesh=None, sequence_parallel: bool = False):
+    def __init__(self, layer_id: int, args: ModelArgs, tp_mesh=None, sequence_parallel: bool = False, cp_mesh=None):
         super().__init__()
         self.layer_id = layer_id
-        self.attention = Attention(args, tp_mesh, sequence_parallel)
+        self.attention = Attention(args, tp_mesh, sequence_parallel, cp_mesh)
         self.feed_forward = FeedForward(args, tp_mesh, sequence_parallel)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps, tp_mesh, sequence_parallel)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, tp_mesh, sequence_parallel)
@@ -190,11 +205,16 @@ class Transformer(nn.Module):
     attends only within its document, and RoPE positions restart at each document.
     `attention_kernel` picks that mask's kernel ("sdpa" or "flex"); None chooses by device.
     `model(tokens, ..., last_only=True)` returns the last position's logits only.
+    With a `cp_mesh` (context parallelism, parallel/context.py) tokens, document ids and the
+    logits are this cp rank's part of the sequence, as `split_for_cp` cuts it.
 
     Build on the meta device and call `init_weights()` (or `llama.load_model`) to
     allocate only this rank's shards."""
 
-    def __init__(self, args: ModelArgs, tp_mesh: Optional[DeviceMesh] = None, sequence_parallel: bool = False):
+    def __init__(
+        self, args: ModelArgs, tp_mesh: Optional[DeviceMesh] = None, sequence_parallel: bool = False,
+        cp_mesh: Optional[DeviceMesh] = None,
+    ):
         super().__init__()
         tp = tp_size(tp_mesh)
         check_tp_divides_heads(args.n_heads, tp)
@@ -202,10 +222,11 @@ class Transformer(nn.Module):
         self.args = args
         self.tp_mesh = tp_mesh
         self.sequence_parallel = sequence_parallel and tp > 1
+        self.cp_mesh = cp_mesh if cp_size(cp_mesh) > 1 else None  # None: today's one-sequence path
 
         self.tok_embeddings = VocabParallelEmbedding(args.vocab_size, args.dim, tp_mesh, self.sequence_parallel)
         self.layers = nn.ModuleList(
-            TransformerBlock(i, args, tp_mesh, self.sequence_parallel) for i in range(args.n_layers)
+            TransformerBlock(i, args, tp_mesh, self.sequence_parallel, self.cp_mesh) for i in range(args.n_layers)
         )
         self.norm = RMSNorm(args.dim, args.norm_eps, tp_mesh, self.sequence_parallel)
         tied = self.tok_embeddings.weight if args.tie_word_embeddings else None
@@ -228,7 +249,14 @@ class Transformer(nn.Module):
         if cache is not None or start_pos:
             self.check_cache(cache, tokens, start_pos)
         mask = None
-        if document_ids is None:
+        if self.cp_mesh is not None:
+            if cache is not None or start_pos or last_only:
+                raise ValueError(
+                    "context parallelism (cp_mesh) trains on whole split sequences; KV-cache decoding and "
+                    "last_only run on a model built without a cp_mesh"
+                )
+            cos, sin, mask = self.context_parallel_inputs(tokens, document_ids)
+        elif document_ids is None:
             cos, sin = self.rope(tokens.shape[1], tokens.device, start_pos)
         else:
             if cache is not None or start_pos:
@@ -242,6 +270,22 @@ class Transformer(nn.Module):
         if last_only:  # generation needs the next token only: no (prompt x vocab) logits
             h = h[:, -1:]
         return self.output(self.norm(h))
+
+    def context_parallel_inputs(self, tokens: torch.Tensor, document_ids: Optional[torch.Tensor]):
+        """RoPE rows and the attention mask of this cp rank's tokens, from global positions.
+        Per-document positions need the whole sequence's ids: gathered (a few bytes per
+        token), numbered, then split again."""
+        seq_len = tokens.shape[1] * cp_size(self.cp_mesh)
+        positions = cp_positions(seq_len, self.cp_mesh, tokens.device)
+        prefixes = cp_key_prefixes(seq_len, self.cp_mesh)
+        if document_ids is None:
+            cos, sin = self.rope_at(positions)
+            return cos, sin, context_parallel_mask(positions, seq_len, kernel=self.attention_kernel, key_prefixes=prefixes)
+        check_document_ids(document_ids, tokens)
+        all_ids = gather_for_cp(document_ids, self.cp_mesh)
+        cos, sin = self.rope_at(split_for_cp(document_positions(all_ids), self.cp_mesh))
+        mask = context_parallel_mask(positions, seq_len, all_ids, document_ids, self.attention_kernel, prefixes)
+        return cos, sin, mask
 
     def rope_table(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].device != torch.device(device):
@@ -285,15 +329,20 @@ class Transformer(nn.Module):
         cache once (train.py) and generation its prompt (llama/generate.py check_request)."""
         if tokens.ndim != 2 or tokens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"tokens must be a (batch, seq) integer tensor, got {tuple(tokens.shape)} {tokens.dtype}")
-        seqlen = tokens.shape[1]
+        seqlen = tokens.shape[1] * cp_size(self.cp_mesh)  # the whole sequence, under context parallelism
+        if self.cp_mesh is not None and tokens.shape[1] % 2:
+            raise ValueError(
+                f"under context parallelism each rank holds two equal chunks of the sequence, got {tokens.shape[1]} "
+                "tokens; split the batch with parallel.context.split_for_cp"
+            )
         if seqlen > self.args.max_seq_len:
             raise ValueError(
                 f"sequence length {seqlen} exceeds max_seq_len {self.args.max_seq_len} (the RoPE table's length); "
                 "shorten the input or raise max_seq_len"
             )
         tp = tp_size(self.tp_mesh)
-        if self.sequence_parallel and seqlen % tp:
-            raise ValueError(f"with sequence parallelism the sequence length {seqlen} must be divisible by tp {tp}")
+        if self.sequence_parallel and tokens.shape[1] % tp:
+            raise ValueError(f"with sequence parallelism the sequence length {tokens.shape[1]} must be divisible by tp {tp}")
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, device=None, std: float = 0.02) -> "Transformer":

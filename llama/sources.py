@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .config import ModelArgs
+from .config import ModelArgs, meta_rope_scale_factor
 from .weights import (
     ARGS_FILE,
     INDEX_FILE,
@@ -131,6 +131,7 @@ class Source:
     layout: Optional[list] = None  # [Shard]: the source's files, kept by default
     hf: Optional[dict] = None  # {"config": HF config.json, "index_metadata": ...}, for the way back
     tied_output: Optional[SourceTensor] = None  # an output matrix stored although the config ties it
+    notes: list = field(default_factory=list)  # what was assumed where the config does not say, and why
 
     def display(self, name: str) -> str:
         return to_hf_name(name) if self.kind == "hf" else name
@@ -145,7 +146,11 @@ def read_args(reader, file: Path) -> ModelArgs:
         raise ValueError(message if str(file) in message else f"{file}: not a usable config: {message}") from None
 
 
-def open_source(path: Path) -> Source:
+def open_source(
+    path: Path, tie_word_embeddings: Optional[bool] = None, rope_scale_factor: Optional[float] = None
+) -> Source:
+    """`tie_word_embeddings`, `rope_scale_factor`: the user's word on what a Meta
+    checkpoint's params.json may not say (convert_weights.py's flags); other kinds ignore them."""
     if not path.exists():
         raise ValueError(f"{path}: does not exist")
     if not path.is_dir():
@@ -157,7 +162,7 @@ def open_source(path: Path) -> Source:
     if (path / "config.json").exists() or any(path.glob("*.safetensors")):
         return hf_source(path)
     if (path / "params.json").exists() or any(path.glob("consolidated.*.pth")):
-        return meta_source(path)
+        return meta_source(path, tie_word_embeddings, rope_scale_factor)
     if not any(path.iterdir()):
         raise ValueError(f"{path}: empty directory; expected a checkpoint")
     raise ValueError(
@@ -229,9 +234,16 @@ def hf_files(path: Path) -> tuple:
     return [(path / file, by_file[file]) for file in sorted(by_file)], data.get("metadata") or {}
 
 
-def meta_source(path: Path) -> Source:
+def meta_source(
+    path: Path, tie_word_embeddings: Optional[bool] = None, rope_scale_factor: Optional[float] = None
+) -> Source:
+    """Meta's consolidated.NN.pth shards, one per model-parallel rank. params.json may not say
+    whether the output is tied nor, with use_scaled_rope, the RoPE scale factor: the given
+    values decide, else params.json's, else the tensors (tied) and the shapes (the factor);
+    source.notes says what was assumed."""
     params = path / "params.json"
-    args = read_args(ModelArgs.from_meta_params, params)
+    read_args(ModelArgs.from_meta_params, params)  # a broken params.json is reported before any shard is read
+    said = json.loads(params.read_text())
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise ValueError(f"{path}: no consolidated.NN.pth files next to params.json")
@@ -245,24 +257,88 @@ def meta_source(path: Path) -> Source:
         differ = sorted(set(shard) ^ set(shards[0]))
         if differ:
             raise ValueError(f"{file}: tensor {differ[0]} is in only one of {file.name} and {files[0].name}")
+    tied, tie_note = meta_tied(params, said.get("tie_word_embeddings"), tie_word_embeddings, files, shards)
+    reader = partial(ModelArgs.from_meta_params, tie_word_embeddings=tied, rope_scale_factor=rope_scale_factor)
+    args = read_args(reader, params)
+    rope_note = meta_rope_note(params, said.get("rope_scale_factor"), rope_scale_factor, args)
     shapes = expected_shapes(args)
-    source = Source("meta", path, params, args, {})
+    source = Source("meta", path, params, args, {}, notes=[note for note in (tie_note, rope_note) if note])
     for name in shards[0]:
-        if name in META_IGNORED:
-            continue
-        tied = name == "output.weight" and args.tie_word_embeddings
-        if name not in shapes and not tied:
+        if name in META_IGNORED or (name == "output.weight" and tied):
+            continue  # a tied model's stored output: meta_tied found it equal to the embeddings
+        if name not in shapes:
             raise ValueError(
                 f"{files[0]}: unexpected tensor {name}; not a Llama 3 checkpoint, or {params.name} does not match it"
             )
-        full = shapes.get(name, (args.vocab_size, args.dim))
-        tensor = meta_tensor(files, [shard[name] for shard in shards], name, full, params)
-        if tied:
-            source.tied_output = tensor
-        else:
-            source.tensors[name] = tensor
+        source.tensors[name] = meta_tensor(files, [shard[name] for shard in shards], name, shapes[name], params)
     source.tensors = {name: source.tensors[name] for name in shapes if name in source.tensors}  # model order
     return source
+
+
+def meta_tied(params: Path, said: Optional[bool], given: Optional[bool], files: list, shards: list) -> tuple:
+    """(whether the output layer is tied to the embeddings, a note or None). The tensors
+    decide when neither the user nor params.json says: no output.weight, or one equal to
+    tok_embeddings.weight, is tied; a distinct one is not."""
+    stored = "output.weight" in shards[0]
+    pieces = files[0].parent / "consolidated.*.pth"
+    if given is None and said is None:
+        unsaid = f"{params.name} does not say whether the output is tied"
+        if not stored:
+            return True, f"{unsaid}; no output.weight in {files[0].name}: tied"
+        if meta_output_equals_embeddings(shards):
+            return True, f"{unsaid}; output.weight equals tok_embeddings.weight in {pieces.name}: tied"
+        return False, f"{unsaid}; output.weight differs from tok_embeddings.weight in {pieces.name}: untied"
+    tied = bool(given if given is not None else said)
+    if given is not None:
+        who = "--tie-word-embeddings" if tied else "--no-tie-word-embeddings"
+        fix = f"leave out {who}"
+    else:
+        who, fix = params.name, f"set tie_word_embeddings to {str(not tied).lower()} in {params.name}"
+    if tied and stored and not meta_output_equals_embeddings(shards):
+        raise ValueError(
+            f"{pieces}: tensor output.weight differs from tok_embeddings.weight, but {who} ties them; {fix}"
+        )
+    if not tied and not stored:
+        raise ValueError(f"{files[0]}: no output.weight, but {who} says the output is untied; {fix}")
+    if given is None:
+        return tied, None
+    return tied, f"output {'tied' if tied else 'not tied'} to the embeddings ({who})"
+
+
+def meta_rope_note(params: Path, said: Optional[float], given: Optional[float], args: ModelArgs) -> Optional[str]:
+    """A note on the RoPE scale factor in `args` when params.json did not give it."""
+    if not args.use_scaled_rope:
+        if given is not None:
+            raise ValueError(f"--rope-scale-factor: {params} has use_scaled_rope false; no RoPE scaling to set")
+        return None
+    if given is not None:
+        return f"rope scale factor {given:g} (--rope-scale-factor)"
+    if said is not None:
+        return None
+    factor, why = meta_rope_scale_factor(args)
+    return f"rope scale factor {factor:g} ({why}; --rope-scale-factor overrides)"
+
+
+# Bytes of each matrix compared at a time: the comparison stops at the first band that
+# differs, so telling an untied 405B output from its embeddings reads one band of each.
+COMPARE_BAND_BYTES = 64 << 20
+
+
+def meta_output_equals_embeddings(shards: list) -> bool:
+    """Whether output.weight equals tok_embeddings.weight, rank piece against rank piece, a
+    band of rows at a time, straight from the memory-mapped shards: no merged copy of
+    either matrix is made."""
+    for shard in shards:
+        output, embeddings = shard["output.weight"], shard.get("tok_embeddings.weight")
+        if embeddings is None:
+            return False  # reported as missing by check_source
+        if output.dim() != 2 or output.shape != embeddings.shape or output.dtype != embeddings.dtype:
+            return False  # e.g. Llama 2's embeddings, split along the other dim: never tied
+        rows = max(1, COMPARE_BAND_BYTES // max(1, output.shape[1] * output.element_size()))
+        for start in range(0, output.shape[0], rows):
+            if not torch.equal(output[start : start + rows], embeddings[start : start + rows]):
+                return False
+    return True
 
 
 def load_pth(file: Path) -> dict:

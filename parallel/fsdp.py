@@ -185,6 +185,7 @@ def build_parallel_model(
     compile: Union[bool, str] = False,
     seed: int = 0,
     materialize: bool = True,
+    init: bool = True,
 ) -> Transformer:
     """The 2-D parallel model on `mesh` (from `parallel.mesh.build_mesh`).
 
@@ -192,6 +193,8 @@ def build_parallel_model(
     mesh) or the directory of a converted checkpoint (each rank reads only its 2-D shard).
     compile: False, True (inductor) or a torch.compile backend name.
     materialize=False leaves the model on the meta device (the planner uses this).
+    init=False allocates the shards without drawing or reading values: for a training
+    checkpoint that is loaded over them next.
 
     Gradients are sums over dp ranks; normalise the loss by the global token count."""
     plan = get_strategy(strategy)
@@ -220,6 +223,8 @@ def build_parallel_model(
 
     # Only now is memory allocated: each rank's (dp, tp) shard of every parameter.
     model.to_empty(device=_materialize_device(mesh, cpu_offload))
+    if not init:
+        return model
     if path is None:
         model.init_weights(seed)
     else:

@@ -364,7 +364,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         exps, log_rescale, ids, owned, valid, divisor = ctx.saved_tensors
         # softmax over the whole vocabulary, this rank's slice: exp(x - max) * exp(max - lse)
         per_token = valid.to(exps.dtype) * (grad / divisor)
-        probs = exps * (log_rescale.exp() * per_token).unsqueeze(-1)
+        # in place: exps is this function's own buffer, and backward runs once (as in
+        # Megatron's); a new (tokens, vocab / tp) buffer costs a pass and page faults
+        probs = exps.mul_((log_rescale.exp() * per_token).unsqueeze(-1))
         probs.scatter_add_(-1, ids.unsqueeze(-1), -(owned.to(probs.dtype) * per_token).unsqueeze(-1))
         return probs.to(ctx.logits_dtype), None, None, None, None
 

@@ -7,6 +7,7 @@ parallel ranks), so `dp_mesh(mesh)` always names the ranks that see different da
 Every check here runs before any collective, on every rank alike, so a bad shape ends
 all ranks with the same message instead of a hang."""
 
+import datetime
 import os
 import warnings
 from typing import Optional
@@ -64,12 +65,13 @@ def warn_if_tp_crosses_nodes(tp: int, per_node: int) -> bool:
     return True
 
 
-def init_distributed() -> None:
-    """Join torchrun's process group: NCCL on GPUs, gloo on CPU."""
+def init_distributed(timeout: Optional[datetime.timedelta] = None) -> None:
+    """Join torchrun's process group: NCCL on GPUs, gloo on CPU. timeout: how long a
+    collective may wait before the job fails (default: torch's)."""
     if dist.is_initialized():
         return
     backend = "nccl" if device_type() == "cuda" else "gloo"
-    options = {}
+    options = {} if timeout is None else {"timeout": timeout}
     if device_type() == "cuda":
         device = cuda_device_for_rank()
         torch.cuda.set_device(device)

@@ -23,7 +23,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import convert_weights
+import llama.config
+import llama.sources
 from llama import ModelArgs
+from llama.config import meta_rope_scale_factor
 from llama.weights import expected_shapes, read_model_args
 from parallel.spawn import run_on_ranks
 
@@ -160,8 +163,8 @@ class Fixtures:
         self.meta_weights = meta_weights(ARGS, seed=3)
         self.meta2 = root / "meta2"
         write_meta(self.meta2, ARGS, self.meta_weights, 2, {"tie_word_embeddings": False})
-        # Meta, 4 ranks over 2 kv heads (each kv head twice), tied as for Llama 3.2 (inferred
-        # from dim <= 3072 and scaled RoPE), output.weight stored anyway
+        # Meta, 4 ranks over 2 kv heads (each kv head twice); params.json does not say whether
+        # the output is tied, and output.weight is stored equal to tok_embeddings: tied
         self.meta4_weights = meta_weights(TIED, seed=4)
         self.meta4 = root / "meta4"
         stored = {**self.meta4_weights, "output.weight": self.meta4_weights["tok_embeddings.weight"]}
@@ -328,6 +331,154 @@ def test_training_checkpoint_dcp_to_hf(fx, tmp_path):
     assert convert("--to-hf", fx.dcp, tmp_path / "hf", "--dtype", "bf16") == 0
     want = {k: v.to(torch.bfloat16) for k, v in hf_tensors(ARGS, fx.meta_weights).items()}
     assert_same_tensors(read_all(tmp_path / "hf"), want)
+
+
+# ---------------------------------------------------------------- Meta: what params.json does not say
+
+
+def write_meta_as_published(path, args, weights, n_ranks):
+    """Like Meta's own params.json: neither tie_word_embeddings nor rope_scale_factor."""
+    write_meta(path, args, weights, n_ranks, {})
+    params = json.loads((path / "params.json").read_text())
+    del params["rope_scale_factor"]
+    (path / "params.json").write_text(json.dumps(params))
+
+
+def convert_saying(capsys, *argv) -> tuple:
+    """(exit code, the converter's "convert: " lines), run without --quiet."""
+    code = convert_weights.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.startswith("convert: ")]
+
+
+UNSAID = "convert: params.json does not say whether the output is tied; "
+FACTOR_8 = "convert: rope scale factor 8 (not a Llama 3.2 shape; --rope-scale-factor overrides)"
+
+
+def _logits_worker(path, args, weights, tokens):
+    from llama import load_model
+    from tests.reference import meta_reference_model
+
+    with torch.inference_mode():
+        reference = meta_reference_model(args, weights, max_batch_size=tokens.shape[0]).forward(tokens, 0)
+        return (load_model(path)(tokens) - reference).abs().max().item()
+
+
+def test_small_untied_meta_model_converts_untied_and_keeps_its_logits(tmp_path, capsys):
+    """dim 64 with scaled RoPE and a distinct output.weight: untied, factor 8, and the
+    converted model computes Meta's reference logits on the original weights."""
+    weights = meta_weights(ARGS, seed=6)
+    write_meta_as_published(tmp_path / "meta", ARGS, weights, 2)
+    code, said = convert_saying(capsys, tmp_path / "meta", tmp_path / "ours")
+    assert code == 0
+    assert said == [UNSAID + "output.weight differs from tok_embeddings.weight in consolidated.*.pth: untied", FACTOR_8]
+    assert read_model_args(tmp_path / "ours") == ARGS
+    assert_same_tensors(read_all(tmp_path / "ours"), weights)
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 16), generator=torch.Generator().manual_seed(8))
+    assert run_on_ranks(_logits_worker, 1, str(tmp_path / "ours"), ARGS, weights, tokens)[0] <= TOL
+
+
+def test_meta_checkpoint_without_output_weight_converts_tied(tmp_path, capsys):
+    weights = meta_weights(TIED, seed=7)
+    write_meta_as_published(tmp_path / "meta", TIED, weights, 2)
+    code, said = convert_saying(capsys, tmp_path / "meta", tmp_path / "ours")
+    assert code == 0
+    assert said == [UNSAID + "no output.weight in consolidated.00.pth: tied", FACTOR_8]
+    assert read_model_args(tmp_path / "ours") == TIED
+    assert_same_tensors(read_all(tmp_path / "ours"), weights)
+
+
+def test_meta_output_weight_equal_to_embeddings_converts_tied(fx, tmp_path, capsys):
+    code, said = convert_saying(capsys, fx.meta4, tmp_path / "ours")  # its params.json gives factor 8
+    assert code == 0
+    assert said == [UNSAID + "output.weight equals tok_embeddings.weight in consolidated.*.pth: tied"]
+    assert read_model_args(tmp_path / "ours") == TIED
+    assert_same_tensors(read_all(tmp_path / "ours"), fx.meta4_weights)
+
+
+def test_telling_tied_from_untied_streams_rank_pieces_band_by_band(fx, tmp_path, monkeypatch):
+    """No merged copy of output or embeddings is made to decide, and a distinct output is
+    told apart by its first band: one comparison, whatever the matrix's size."""
+    merged, compared = [], []
+    real_merged, real_equal = llama.sources._merged, torch.equal
+    monkeypatch.setattr(llama.sources, "_merged", lambda pieces, files, name, *rest: merged.append(name)
+                        or real_merged(pieces, files, name, *rest))
+    monkeypatch.setattr(torch, "equal", lambda a, b: compared.append(tuple(a.shape)) or real_equal(a, b))
+    monkeypatch.setattr(llama.sources, "COMPARE_BAND_BYTES", 8 * ARGS.dim * 4)  # 8 rows of fp32
+    untied = tmp_path / "untied"
+    write_meta_as_published(untied, ARGS, meta_weights(ARGS, seed=6), 2)
+    for path, tied, comparisons in [(fx.meta4, True, 4 * (ARGS.vocab_size // 4) // 8), (untied, False, 1)]:
+        merged.clear(), compared.clear()
+        source = llama.sources.open_source(path)
+        llama.sources.check_source(source)
+        assert source.args.tie_word_embeddings is tied
+        assert merged == [] and len(compared) == comparisons and set(compared) == {(8, ARGS.dim)}, path
+
+
+@pytest.mark.parametrize("preset, tied, factor", [
+    ("3.2-1b", True, 32.0), ("3.2-3b", True, 32.0),
+    ("3.2-1b", False, 8.0),  # the 1B's shapes with a separate output layer: not a Llama 3.2
+    ("3.1-8b", False, 8.0), ("debug", True, 8.0),
+])
+def test_rope_scale_factor_32_only_for_the_llama_32_shapes(tmp_path, preset, tied, factor):
+    args = ModelArgs.from_preset(preset, tie_word_embeddings=tied)
+    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+              "vocab_size": args.vocab_size, "multiple_of": args.multiple_of,
+              "ffn_dim_multiplier": args.ffn_dim_multiplier, "norm_eps": 1e-5, "rope_theta": 500000.0,
+              "use_scaled_rope": True}
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    assert ModelArgs.from_meta_params(tmp_path, tie_word_embeddings=tied).rope_scale_factor == factor
+    assert meta_rope_scale_factor(args)[0] == factor
+    other = {**params, "n_layers": args.n_layers + 1}  # one layer more: a custom model, the factor of the code
+    (tmp_path / "params.json").write_text(json.dumps(other))
+    assert ModelArgs.from_meta_params(tmp_path, tie_word_embeddings=tied).rope_scale_factor == 8.0
+
+
+def test_converter_applies_the_llama_32_factor_to_a_llama_32_shape(tmp_path, capsys, monkeypatch):
+    """Through the converter: a tied checkpoint of the 3.2-1b preset's shapes (the preset
+    shrunk to TIED's for the test; a real 1B is 2.5 GB) gets factor 32, and says why."""
+    monkeypatch.setitem(llama.config.PRESETS, "3.2-1b", TIED)
+    write_meta_as_published(tmp_path / "meta", TIED, meta_weights(TIED, seed=7), 2)
+    code, said = convert_saying(capsys, tmp_path / "meta", tmp_path / "ours")
+    assert code == 0
+    assert said == [UNSAID + "no output.weight in consolidated.00.pth: tied",
+                    "convert: rope scale factor 32 (the Llama 3.2-1b shape; --rope-scale-factor overrides)"]
+    assert read_model_args(tmp_path / "ours") == replace(TIED, rope_scale_factor=32.0)
+
+
+def test_tie_and_rope_flags_override_params_json_and_the_tensors(fx, tmp_path, capsys):
+    # the stored output equals the embeddings, yet kept as a separate matrix when asked
+    code, said = convert_saying(capsys, fx.meta4, tmp_path / "untied", "--no-tie-word-embeddings")
+    assert code == 0 and said == ["convert: output not tied to the embeddings (--no-tie-word-embeddings)"]
+    assert read_model_args(tmp_path / "untied") == ARGS
+    assert torch.equal(read_all(tmp_path / "untied")["output.weight"], fx.meta4_weights["tok_embeddings.weight"])
+    # params.json of meta2 says factor 8 and untied
+    code, said = convert_saying(capsys, fx.meta2, tmp_path / "f16", "--rope-scale-factor", "16")
+    assert code == 0 and said == ["convert: rope scale factor 16 (--rope-scale-factor)"]
+    assert read_model_args(tmp_path / "f16") == replace(ARGS, rope_scale_factor=16.0)
+
+
+@pytest.mark.parametrize("src, argv, words", [
+    ("meta2", ["--tie-word-embeddings"],  # its output.weight is a matrix of its own
+     ["consolidated.*.pth", "output.weight differs from tok_embeddings.weight", "--tie-word-embeddings"]),
+    ("meta2", ["--rope-scale-factor", "-2"], ["--rope-scale-factor", "-2", "positive"]),
+    ("hf", ["--rope-scale-factor", "16"], ["--rope-scale-factor", "only for a Meta checkpoint", "config.json"]),
+    ("hf", ["--no-tie-word-embeddings"], ["--no-tie-word-embeddings", "only for a Meta checkpoint"]),
+    ("meta without output.weight", ["--no-tie-word-embeddings"],
+     ["consolidated.00.pth", "no output.weight", "--no-tie-word-embeddings"]),
+    ("meta without RoPE scaling", ["--rope-scale-factor", "16"], ["--rope-scale-factor", "use_scaled_rope false"]),
+])
+def test_tie_and_rope_flags_refuse_what_they_cannot_mean(fx, tmp_path, capsys, src, argv, words):
+    if src == "meta without output.weight":
+        src = tmp_path / "src"
+        write_meta_as_published(src, TIED, meta_weights(TIED, seed=7), 2)
+    elif src == "meta without RoPE scaling":
+        src = tmp_path / "src"
+        write_meta(src, ARGS, fx.meta_weights, 1, {"use_scaled_rope": False})
+    else:
+        src = getattr(fx, src)
+    out = tmp_path / "out" / "ckpt"
+    assert_failed_cleanly(capsys, out, convert(src, out, *argv), words)
 
 
 # ---------------------------------------------------------------- loading on any mesh
@@ -573,5 +724,6 @@ def test_command_line(fx, tmp_path):
     assert not (tmp_path / "out").exists()
     help_text = subprocess.run([sys.executable, str(REPO / "convert_weights.py"), "--help"],
                                capture_output=True, text=True, env=env, timeout=120).stdout
-    for option in ["--to-hf", "--dtype", "--max-shard-size", "--bos-id", "--eos-id", "--overwrite", "--quiet"]:
+    for option in ["--to-hf", "--dtype", "--max-shard-size", "--bos-id", "--eos-id", "--overwrite", "--quiet",
+                   "--tie-word-embeddings", "--no-tie-word-embeddings", "--rope-scale-factor"]:
         assert option in help_text

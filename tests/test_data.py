@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from llama import data
 from llama.data import (
     DataError, DistributedDataLoader, PackedDataset, Permutation, default_cache_dir, default_corpus_paths,
     load_token_cache, micro_batch_size)
@@ -104,13 +105,18 @@ def test_document_index_is_memory_mapped_and_stays_mapped_in_the_dataset(tmp_pat
         assert np.shares_memory(dataset._cum, cache.doc_offsets)  # not a private copy per rank
 
 
-def test_progress_goes_to_stderr_unless_quiet(tmp_path, capsys):
-    write_corpus(tmp_path / "data")
+def test_progress_goes_to_stderr_unless_quiet(tmp_path, capsys, monkeypatch):
+    docs = write_corpus(tmp_path / "data")
     for i in range(4):
         (tmp_path / "data" / f"big{i}.txt").write_text("many words " * 10_000)  # 110 kB each
-    load_token_cache(tmp_path / "data", BYTES, tmp_path / "cache", progress_every_mb=0.1)
+        docs.append("many words " * 10_000)
+    num_tokens = sum(len(BYTES.encode(d, bos=True, eos=True)) for d in docs)
+    monkeypatch.setattr(data, "PART_BYTES", 100_000)  # chunks end at 25%, 50%, 75%, 99.98%, 100%
+    load_token_cache(tmp_path / "data", BYTES, tmp_path / "cache")
     out, err = capsys.readouterr()
-    assert out == "" and err.count("tokenizing: ") == 4 and "tokenized 8 files, 8 documents" in err
+    progress = [line for line in err.splitlines() if line.startswith("tokenizing: ")]
+    assert out == "" and [line.split()[1] for line in progress] == ["25%", "50%", "75%", "100%", "100%"]
+    assert f"tokenized 8 files: 8 documents, {num_tokens:,} tokens in " in err
     load_token_cache(tmp_path / "data", BYTES, tmp_path / "cache")
     assert "token cache hit" in capsys.readouterr().err
     load_token_cache(tmp_path / "data", BYTES, tmp_path / "cache2", quiet=True)

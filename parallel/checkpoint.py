@@ -1,0 +1,195 @@
+"""Training checkpoints that a crash, a kill or a preemption at any moment leaves readable.
+
+A checkpoint is a torch.distributed.checkpoint directory `step_NNNNNNNN/` with each
+rank's shards, each rank's RNG state, model_args.json and trainer.json. It is written
+under a hidden `.step_NNNNNNNN.partial` name and renamed into place by rank 0 only after
+every rank's write has finished, so the newest visible checkpoint is always complete.
+
+Every decision about checkpoints (which one to resume from, whether the directory already
+holds a run) is made once, by rank 0, and broadcast: ranks on different nodes may see a
+shared filesystem differently (parallel/control.py carries these messages)."""
+
+import json
+import os
+import shutil
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from .control import broadcast_from_rank0, control_group
+
+PREFIX = "step_"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(Path(path).name[len(PREFIX):])
+
+
+def complete_checkpoints(save_dir: Path) -> list:
+    """Finished checkpoint directories, oldest first (those with trainer.json, written last)."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return []
+    found = [d for d in save_dir.glob(f"{PREFIX}*") if d.is_dir() and (d / "trainer.json").is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+# ---------------------------------------------------------------- decisions made once
+
+
+def decide_resume(save_dir: Path, resume: bool) -> Optional[Path]:
+    """The checkpoint to resume from, as rank 0 sees it; None for a fresh run. A fresh run
+    in a directory that already holds checkpoints is refused on every rank at start-up
+    (rather than at its first save, or by quietly mixing two runs)."""
+    answer = None
+    if dist.get_rank() == 0:
+        found = complete_checkpoints(save_dir)
+        if found and not resume:
+            answer = ValueError(
+                f"--save-dir {save_dir} already holds checkpoints of a run (newest: {found[-1].name}); "
+                "pass --resume to continue it, or choose another --save-dir"
+            )
+        elif found:
+            answer = str(found[-1])
+    answer = broadcast_from_rank0(answer)
+    if isinstance(answer, Exception):
+        raise answer
+    return None if answer is None else Path(answer)
+
+
+# ---------------------------------------------------------------- saving
+
+
+def fault_injection(where: str, step: int, rank: int) -> bool:
+    """Tests break a run at a chosen point: LLAMA_TP_FAULT="where:step:rank[:SIGNAL]" sends
+    SIGNAL (default SIGKILL) to this process there; at where="nan" it returns True instead,
+    and the caller makes that step's loss NaN. Only the first attempt of a torchrun job is
+    hit, so that a restart can finish the run."""
+    spec = os.environ.get("LLAMA_TP_FAULT")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return False
+    fault_where, fault_step, fault_rank, *sig = spec.split(":")
+    if (fault_where, int(fault_step), int(fault_rank)) != (where, step, rank):
+        return False
+    if where != "nan":
+        os.kill(os.getpid(), getattr(signal, sig[0]) if sig else signal.SIGKILL)
+    return True
+
+
+@dataclass
+class _Pending:
+    step: int
+    partial: Path
+    final: Path
+    trainer: dict  # trainer.json's contents, taken when the save began
+    model_args: Any
+    upload: Any = None  # the future of an async save
+
+
+class Checkpointer:
+    """Saves checkpoints, synchronously or (async_save=True) in a background thread after a
+    copy of this rank's shards to CPU memory, so that training goes on while they are
+    written. At most one save is in flight: the next save and close() wait for it."""
+
+    def __init__(self, save_dir: Path, keep: int, async_save: bool = False):
+        self.save_dir = Path(save_dir)
+        self.keep = keep
+        self.async_save = async_save
+        self.rank = dist.get_rank()
+        self.pending: Optional[_Pending] = None
+        self.last_saved: Optional[int] = None
+        self._deleting: Optional[threading.Thread] = None
+        # the background writer's collectives must not interleave with training's
+        self._writer_group = dist.new_group(backend="gloo") if async_save else None
+
+    def save(self, step: int, model, optimizer, trainer: dict) -> Path:
+        """Write step `step`; trainer: JSON-able state of the loop (data position, args),
+        taken now. Returns the directory the checkpoint has, or will have once finished."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        self.wait()
+        final = self.save_dir / checkpoint_name(step)
+        partial = self.save_dir / f".{final.name}.partial"
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        dist.barrier(group=control_group())
+        torch.save({"torch": torch.get_rng_state()}, partial / f"rng_rank{self.rank}.pt")
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        pending = _Pending(step, partial, final, dict(trainer), model.args)
+        if self.async_save:
+            response = dcp.async_save(state, checkpoint_id=str(partial), process_group=self._writer_group)
+            pending.upload = getattr(response, "upload_completion", response)  # a Future either way
+            self.pending = pending
+            fault_injection("save", step, self.rank)  # while the background write may run
+        else:
+            dcp.save(state, checkpoint_id=str(partial))
+            fault_injection("save", step, self.rank)
+            self._finish(pending)
+        return final
+
+    def wait(self) -> None:
+        """Let the save in flight finish and become visible."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.upload.result()
+            self._finish(pending)
+
+    def close(self) -> None:
+        self.wait()
+        if self._deleting is not None:
+            self._deleting.join()
+
+    def _finish(self, pending: _Pending) -> None:
+        from llama.weights import write_model_args
+
+        dist.barrier(group=control_group())  # every rank's shards are on disk
+        if self.rank == 0:
+            write_model_args(pending.model_args, pending.partial)
+            trainer = dict(pending.trainer, step=pending.step, world_size=dist.get_world_size())
+            tmp = pending.partial / "trainer.json.tmp"
+            tmp.write_text(json.dumps(trainer, indent=1))
+            os.replace(tmp, pending.partial / "trainer.json")
+            os.replace(pending.partial, pending.final)  # a crash before this leaves the last one intact
+            self._delete_old()
+        self.last_saved = pending.step
+
+    def _delete_old(self) -> None:
+        """In the background on rank 0, outside any barrier: removing a large checkpoint
+        from a slow filesystem takes minutes that no rank should wait for."""
+        if self._deleting is not None:
+            self._deleting.join()
+        old = complete_checkpoints(self.save_dir)[: -self.keep] if self.keep > 0 else []
+        if old:
+            self._deleting = threading.Thread(
+                target=lambda: [shutil.rmtree(d, ignore_errors=True) for d in old], daemon=False
+            )
+            self._deleting.start()
+
+
+def load_checkpoint(path: Path, model, optimizer) -> dict:
+    """Load model and optimizer state (resharded to this mesh) and this rank's RNG state when
+    the world size is unchanged. Returns trainer.json."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    trainer = json.loads((Path(path) / "trainer.json").read_text())
+    rng = Path(path) / f"rng_rank{dist.get_rank()}.pt"
+    if trainer["world_size"] == dist.get_world_size() and rng.is_file():
+        torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
+    return trainer

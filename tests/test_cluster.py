@@ -1,0 +1,380 @@
+"""train.py as a good citizen of a shared cluster: preemption by signal and by time limit,
+checkpoint decisions made once, async checkpoints, non-finite steps, config files and
+observability. The end-to-end tests run real torchrun jobs and compare weights."""
+
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llama.metrics import drop_metrics_after, read_metrics
+from parallel.preemption import PREEMPTED_EXIT_CODE, StopRequests, parse_signals, parse_time_limit
+from parallel.spawn import run_on_ranks
+from tests.test_train import ROOT, RUN, check, converted, data, final_weights, metrics, torchrun  # noqa: F401
+
+import train
+
+NONFINITE = train.NONFINITE_EXIT_CODE
+
+
+def launch(*args, nproc=4, env=None) -> subprocess.Popen:
+    """torchrun in the background, in its own process group like a scheduler's job step."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--max-restarts", "0",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "--monitor-interval", "0.5",
+        str(ROOT / "train.py"), *map(str, args),
+    ]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=ROOT)
+
+
+def wait_for_step(save_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the run ended before step {step}:\n{proc.communicate()[1][-3000:]}"
+        path = save_dir / "metrics.jsonl"
+        if path.is_file() and any(row.get("step", 0) >= step and "loss" in row for row in read_metrics(path)):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+# ---------------------------------------------------------------- preemption
+
+
+def test_sigterm_to_torchrun_saves_then_resume_matches_the_uninterrupted_run(converted, data, tmp_path):
+    common = ["--checkpoint", converted, "--data", data, "--steps", 24, "--save-every", 0, *RUN]
+    check(torchrun(*common, "--save-dir", tmp_path / "whole"))
+
+    job = launch(*common, "--save-dir", tmp_path / "split")
+    wait_for_step(tmp_path / "split", 3, job)
+    job.send_signal(signal.SIGTERM)  # to the torchrun agent, which forwards it to every worker
+    out, err = job.communicate(timeout=120)
+    assert "preempted at step" in out, err[-3000:]
+    stopped_at = int(out.split("preempted at step ")[1].split(":")[0])
+    assert 3 <= stopped_at < 24
+    assert f"checkpoint saved to {tmp_path / 'split' / f'step_{stopped_at:08d}'}" in out
+    assert sorted(p.name for p in (tmp_path / "split").glob("step_*")) == [f"step_{stopped_at:08d}"]
+
+    check(torchrun(*common, "--save-dir", tmp_path / "split", "--resume"))
+    assert_same_weights(final_weights(tmp_path / "whole"), final_weights(tmp_path / "split"))
+    losses = {r["step"]: r["loss"] for r in metrics(tmp_path / "whole")}
+    assert [r["loss"] for r in metrics(tmp_path / "split")] == [losses[r["step"]] for r in metrics(tmp_path / "split")]
+
+
+def test_a_signal_during_a_save_lets_the_save_finish_and_then_stops(converted, data, tmp_path):
+    common = ["--checkpoint", converted, "--data", data, "--steps", 12, "--save-every", 4, *RUN]
+    # rank 1 gets SIGUSR1 between writing its shards of step 4 and the rename
+    result = torchrun(*common, "--save-dir", tmp_path, nproc=2, env={"LLAMA_TP_FAULT": "save:4:1:SIGUSR1"})
+    assert result.returncode != 0
+    assert f"preempted at step 4: checkpoint saved to {tmp_path / 'step_00000004'}" in result.stdout
+    assert "(stopped by a signal)" in result.stdout  # rank 1 got it, rank 0 learns of it
+    assert f"exitcode  : {PREEMPTED_EXIT_CODE}" in result.stderr  # torchrun's report of the workers' exit
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004"]
+    assert (tmp_path / "step_00000004" / "trainer.json").is_file()
+    assert not list(tmp_path.glob(".step_*.partial"))
+
+
+def test_time_limit_stops_with_a_checkpoint_before_the_budget_runs_out(converted, data, tmp_path):
+    common = ["--checkpoint", converted, "--data", data, "--steps", 12, "--save-every", 0, *RUN]
+    # a 1-second budget is spent by start-up: the job stops after its first step
+    result = torchrun(*common, "--save-dir", tmp_path, "--time-limit", "0:00:01", nproc=2)
+    assert f"preempted at step 1: checkpoint saved to {tmp_path / 'step_00000001'}" in result.stdout, result.stderr[-3000:]
+    assert "(stopped by the --time-limit)" in result.stdout
+
+
+def test_stop_requests_leave_room_for_the_longest_step_and_save():
+    stop = StopRequests(time_limit_s=100.0, safety=2.0)
+    stop.start -= 60  # 40 s left
+    stop.observe(step_seconds=5.0, save_seconds=10.0)
+    assert not stop.out_of_time()  # needs 2 x 15 = 30 s
+    stop.observe(save_seconds=16.0)
+    assert stop.out_of_time()  # needs 2 x 21 = 42 s
+    assert not StopRequests().out_of_time()
+
+
+def test_time_limits_and_signal_names_parse_or_fail_naming_the_flag():
+    assert parse_time_limit("02:30") == 9000
+    assert parse_time_limit("0:00:45") == 45
+    assert parse_time_limit("1-00:00:00") == 86400
+    assert parse_time_limit(None) is None
+    with pytest.raises(ValueError, match="--time-limit '90m'"):
+        parse_time_limit("90m")
+    assert parse_signals("SIGTERM,usr1") == [signal.SIGTERM, signal.SIGUSR1]
+    assert parse_signals("none") == []
+    with pytest.raises(ValueError, match="--save-on-signal: SIGKILL"):
+        parse_signals("SIGKILL")
+
+
+# ---------------------------------------------------------------- decisions made once
+
+
+def _resume_decisions(base: str) -> list:
+    import torch.distributed as dist
+
+    from parallel.checkpoint import decide_resume
+
+    def decide(case: str, rank0_has_checkpoints: bool, resume: bool):
+        # each rank looks at its own directory, as if a shared filesystem looked different to it
+        save_dir = Path(base) / case / f"rank{dist.get_rank()}"
+        if dist.get_rank() == 0 and rank0_has_checkpoints:
+            for step in (3, 6):
+                (save_dir / f"step_{step:08d}").mkdir(parents=True)
+                (save_dir / f"step_{step:08d}" / "trainer.json").write_text("{}")
+        (save_dir / "step_00000009").mkdir(parents=True, exist_ok=True)  # unfinished: no trainer.json
+        try:
+            found = decide_resume(save_dir, resume)
+            return None if found is None else found.name
+        except ValueError as err:
+            return f"error: {err}"
+
+    return [decide("resume", True, True), decide("fresh", False, True), decide("refused", True, False)]
+
+
+def test_rank0_decides_on_resuming_and_every_rank_gets_its_answer(tmp_path):
+    rank0, rank1 = run_on_ranks(_resume_decisions, 2, str(tmp_path))
+    assert rank0 == rank1
+    resumed, fresh, refused = rank0
+    assert resumed == "step_00000006"  # rank 1 sees no checkpoint but resumes rank 0's newest
+    assert fresh is None  # rank 0 sees none, so no rank resumes
+    # checkpoints without --resume: refused on every rank at start-up
+    assert refused.startswith("error: ") and "pass --resume" in refused and "step_00000006" in refused
+
+
+def test_a_fresh_run_into_a_used_save_dir_is_one_error_before_any_work(data, tmp_path):
+    (tmp_path / "step_00000005").mkdir()
+    (tmp_path / "step_00000005" / "trainer.json").write_text("{}")
+    result = torchrun("--data", data, "--save-dir", tmp_path, "--steps", 2, *RUN, nproc=2, timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(errors) == 1 and "pass --resume" in errors[0], result.stderr[-2000:]
+
+
+def _rank0_first(seconds: float) -> list:
+    import torch.distributed as dist
+
+    from parallel.control import rank0_first
+
+    def fail():
+        raise ValueError("corpus.jsonl:3: not JSON")
+
+    error = None
+    try:
+        rank0_first(fail, timeout=datetime.timedelta(seconds=60))
+    except ValueError as err:
+        error = str(err)
+    # re-join with a collective timeout shorter than rank 0's work
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=1))
+    rank0_first(lambda: time.sleep(seconds), timeout=datetime.timedelta(seconds=60))
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    return [error, float(t)]
+
+
+def test_ranks_wait_for_rank0_to_tokenize_beyond_the_collective_timeout_and_share_its_error():
+    # rank 1 waits 3 s for rank 0 although a collective may wait only 1 s; before that,
+    # rank 0's error reaches rank 1 too
+    assert run_on_ranks(_rank0_first, 2, 3.0) == [["corpus.jsonl:3: not JSON", 2.0]] * 2
+
+
+def test_other_ranks_open_rank0s_cache_without_reading_the_corpus_again(tmp_path, monkeypatch):
+    import llama.data
+    from llama.chat import load_conversation_cache, open_conversation_cache
+    from llama.data import DataError, load_token_cache, open_token_cache
+    from llama.tokenizer import load_tokenizer
+
+    (tmp_path / "a.txt").write_text("first document\n\nsecond one")
+    (tmp_path / "c.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    tokenizer = load_tokenizer("bytes")
+    built = load_token_cache([tmp_path / "a.txt"], tokenizer, tmp_path / "cache", quiet=True)
+    chat = load_conversation_cache([tmp_path / "c.jsonl"], tokenizer, tmp_path / "cache", quiet=True)
+
+    def no_hashing(path):
+        raise AssertionError(f"{path} was read again")
+
+    monkeypatch.setattr(llama.data, "file_sha256", no_hashing)
+    opened = open_token_cache(built.path, [tmp_path / "a.txt"])
+    assert np.array_equal(opened.tokens, built.tokens) and opened.max_token_id == built.max_token_id
+    assert np.array_equal(open_conversation_cache(chat.path, [tmp_path / "c.jsonl"]).tokens, chat.tokens)
+    with pytest.raises(DataError, match="token cache unreadable on this node .* --cache-dir on a filesystem every node sees"):
+        open_token_cache(tmp_path / "elsewhere" / "x.json", [tmp_path / "a.txt"])
+
+
+def test_a_cut_off_last_metrics_line_does_not_stop_a_resume(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n{"step": 3, "lo')
+    drop_metrics_after(path, 1)
+    assert "metrics.jsonl:3: skipping the unreadable last line" in capsys.readouterr().err
+    assert read_metrics(path) == [{"step": 1, "loss": 5.0}]
+
+
+# ---------------------------------------------------------------- async checkpoints
+
+
+def test_async_checkpoints_resume_to_the_weights_of_sync_ones(converted, data, tmp_path):
+    common = ["--checkpoint", converted, "--data", data, "--steps", 8, "--save-every", 3, "--keep", 2, *RUN]
+    check(torchrun(*common, "--save-dir", tmp_path / "sync", nproc=2))
+    check(torchrun(*common, "--save-dir", tmp_path / "async", "--async-checkpoint", "--stop-after", 5, nproc=2))
+    # steps 3 and 5 (the job's last) are visible: the end of a job waits for its save
+    assert sorted(p.name for p in (tmp_path / "async").glob("step_*")) == ["step_00000003", "step_00000005"]
+    check(torchrun(*common, "--save-dir", tmp_path / "async", "--async-checkpoint", "--resume", nproc=2))
+    assert sorted(p.name for p in (tmp_path / "async").glob("step_*")) == ["step_00000006", "step_00000008"]
+    assert_same_weights(final_weights(tmp_path / "sync"), final_weights(tmp_path / "async"))
+
+
+def test_a_kill_during_a_background_write_leaves_the_previous_checkpoint(converted, data, tmp_path):
+    common = ["--checkpoint", converted, "--data", data, "--steps", 10, "--save-every", 3, *RUN]
+    check(torchrun(*common, "--save-dir", tmp_path / "whole", nproc=2))
+    # rank 1 dies right after handing step 6 to the background writer; torchrun restarts
+    # the job, which finds step 3 as the newest complete checkpoint
+    killed = torchrun(*common, "--save-dir", tmp_path / "killed", "--async-checkpoint", "--resume", nproc=2,
+                      max_restarts=1, env={"LLAMA_TP_FAULT": "save:6:1"})
+    check(killed)
+    assert "resumed from" in killed.stdout and "step_00000003 at step 3" in killed.stdout
+    assert_same_weights(final_weights(tmp_path / "whole"), final_weights(tmp_path / "killed"))
+
+
+def test_resuming_does_not_read_the_base_checkpoint_weights(converted, data, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(converted, base)
+    common = ["--checkpoint", base, "--data", data, "--steps", 4, "--save-every", 2, *RUN]
+    check(torchrun(*common, "--save-dir", tmp_path / "run", "--stop-after", 2, nproc=2))
+    for f in base.iterdir():  # only model_args.json stays: the weights are gone
+        if f.name != "model_args.json":
+            f.unlink()
+    check(torchrun(*common, "--save-dir", tmp_path / "run", "--resume", nproc=2))
+
+
+# ---------------------------------------------------------------- non-finite steps
+
+
+def test_a_nan_step_is_skipped_logged_and_leaves_the_weights_unchanged(converted, data, tmp_path):
+    common = ["--checkpoint", converted, "--data", data, "--steps", 5, "--save-every", 1, "--keep", 10, *RUN]
+    check(torchrun(*common, "--save-dir", tmp_path, nproc=2, env={"LLAMA_TP_FAULT": "nan:3:1"}))
+    weights = {}
+    for step in (2, 3, 4):
+        weights[step] = final_weights_at(tmp_path, step)
+    assert_same_weights(weights[2], weights[3])  # the update of step 3 was skipped
+    assert any((weights[4][n] != weights[3][n]).any() for n in weights[4])  # step 4 trained again
+    rows = {r["step"]: r for r in metrics(tmp_path) if "loss" in r}
+    assert [rows[s]["skipped_steps"] for s in (2, 3, 4, 5)] == [0, 1, 1, 1]
+    assert rows[3]["grad_norm"] != rows[3]["grad_norm"]  # NaN, logged as such
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_train_step_skips_the_update_of_a_nan_step_with_either_adamw(fused):
+    import numpy as np
+
+    from llama import ModelArgs, Transformer
+    from llama.data import DistributedDataLoader, PackedDataset
+
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64, multiple_of=16, max_seq_len=16)
+    torch.manual_seed(0)
+    model = Transformer(args).init_weights(seed=0)
+    tokens = np.random.default_rng(0).integers(0, args.vocab_size, 400, dtype=np.uint32)
+    loader = DistributedDataLoader(PackedDataset(tokens, 16, seed=0), global_batch=2, dp_rank=0, dp_size=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused, foreach=not fused)
+    train.train_step(model, optimizer, loader, torch.device("cpu"), clip=1.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = {n: optimizer.state[p]["exp_avg"].clone() for n, p in model.named_parameters()}
+    _, norm, skipped = train.train_step(model, optimizer, loader, torch.device("cpu"), clip=1.0, poison=True)
+    assert skipped.item() == 1.0 and not torch.isfinite(norm)
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), name
+        assert torch.equal(optimizer.state[param]["exp_avg"], state[name]), name
+    _, _, skipped = train.train_step(model, optimizer, loader, torch.device("cpu"), clip=1.0)
+    assert skipped.item() == 0.0 and not torch.equal(model.output.weight, before["output.weight"])
+
+
+def test_max_skips_consecutive_nan_steps_stop_the_run_with_the_last_checkpoint_intact(converted, data, tmp_path):
+    common = ["--checkpoint", converted, "--data", data, "--steps", 6, "--save-every", 2, "--max-skips", 1, *RUN]
+    result = torchrun(*common, "--save-dir", tmp_path, nproc=2, env={"LLAMA_TP_FAULT": "nan:3:0"})
+    assert f"exitcode  : {NONFINITE}" in result.stderr
+    assert "stopped at step 3: 1 consecutive steps had a non-finite loss" in result.stderr
+    assert "the newest checkpoint, step 2, is intact" in result.stderr
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002"]
+
+
+def final_weights_at(save_dir: Path, step: int) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = save_dir / f"weights_{step}.pt"
+    dcp_to_torch_save(str(save_dir / f"step_{step:08d}"), str(out))
+    return torch.load(out, weights_only=False)["model"]
+
+
+# ---------------------------------------------------------------- config files
+
+
+def test_a_config_file_gives_flags_and_the_command_line_overrides_it(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('seq-len = 512\nlr = 1e-4\n[data]\ndata = ["a.txt", "b.txt"]\ndocument_masking = false\n')
+    opts = train.parse_args(["--config", str(config), "--lr", "2e-4"])
+    assert (opts.seq_len, opts.lr, opts.data, opts.document_masking) == (512, 2e-4, ["a.txt", "b.txt"], False)
+    assert opts.micro_batch == 4  # untouched flags keep their defaults
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("seq-lenn = 512\n", "unknown key 'seq-lenn'; did you mean seq-len?"),
+        ("seq-len = 'long'\n", "seq-len = 'long': expected a int"),
+        ("seq-len = 2.5\n", "seq-len = 2.5: expected a whole number"),
+        ("dtype = 'fp16'\n", "dtype = 'fp16': choose one of fp32, bf16"),
+        ("resume = 1\n", "resume = 1: write true or false"),
+    ],
+)
+def test_a_bad_config_key_or_value_is_an_error_naming_it(tmp_path, capsys, text, message):
+    config = tmp_path / "run.toml"
+    config.write_text(text)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config", str(config)])
+    assert message in capsys.readouterr().err
+
+
+def test_the_written_config_repeats_the_run_exactly(tmp_path):
+    from llama.run_config import write_config
+
+    parser = train.build_parser()
+    opts = train.parse_args(["--data", "x.txt", "y.txt", "--seq-len", "96", "--no-document-masking", "--lr", "1e-3",
+                             "--tp", "2", "--dtype", "fp32", "--time-limit", "01:00"])
+    write_config(opts, parser, tmp_path / "config.toml")
+    again = train.parse_args(["--config", str(tmp_path / "config.toml")])
+    assert vars(again) == {**vars(opts), "config": str(tmp_path / "config.toml")}
+
+
+# ---------------------------------------------------------------- observability
+
+
+def test_tensorboard_scalars_and_profiler_trace_are_written(converted, data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    check(torchrun("--checkpoint", converted, "--data", data, "--steps", 4, "--save-dir", tmp_path, *RUN,
+                   "--val-data", data, "--eval-every", 2, "--tensorboard", "--profile-steps", "2:3", nproc=2))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    rows = metrics(tmp_path)
+    logged = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    assert {e.step: e.value for e in events.Scalars("train/loss")} == pytest.approx(logged, rel=1e-6)
+    assert len(events.Scalars("val/loss")) == len([r for r in rows if "val_loss" in r])
+    for tag in ("train/lr", "train/grad_norm", "speed/tokens_per_s", "memory/gb", "train/skipped_steps"):
+        assert [e.step for e in events.Scalars(tag)] == sorted(logged), tag
+    for rank in (0, 1):
+        trace = (tmp_path / "profile" / f"trace_rank{rank}.json").read_text()
+        assert "aten::mm" in trace
