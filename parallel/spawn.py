@@ -3,6 +3,7 @@ CPU benchmarks start several ranks. `fn(*args)` runs on every rank after
 `init_process_group`; the ranks' return values come back as a list, and any rank's
 exception is raised here with its traceback."""
 
+import datetime
 import os
 import queue
 import socket
@@ -20,13 +21,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, threads, fn, args, results):
+def _worker(rank, world_size, port, threads, fn, args, results, pg_timeout):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
     )
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        options = {} if pg_timeout is None else {"timeout": datetime.timedelta(seconds=pg_timeout)}
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, **options)
         results.put((rank, True, fn(*args)))
     except BaseException:  # noqa: B036 - every failure must reach the parent
         results.put((rank, False, traceback.format_exc()))
@@ -35,12 +37,13 @@ def _worker(rank, world_size, port, threads, fn, args, results):
             dist.destroy_process_group()
 
 
-def run_on_ranks(fn, world_size: int, *args, threads: int = 1, timeout: float = 600.0) -> list:
+def run_on_ranks(fn, world_size: int, *args, threads: int = 1, timeout: float = 600.0, pg_timeout=None) -> list:
+    """pg_timeout: seconds a collective may wait (default: torch's)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, threads, fn, args, results), daemon=True)
+        ctx.Process(target=_worker, args=(rank, world_size, port, threads, fn, args, results, pg_timeout), daemon=True)
         for rank in range(world_size)
     ]
     for p in procs:

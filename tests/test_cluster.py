@@ -163,32 +163,37 @@ def test_a_fresh_run_into_a_used_save_dir_is_one_error_before_any_work(data, tmp
     assert len(errors) == 1 and "pass --resume" in errors[0], result.stderr[-2000:]
 
 
-def _rank0_first(seconds: float) -> list:
-    import torch.distributed as dist
-
+def _rank0_fails() -> str:
     from parallel.control import rank0_first
 
     def fail():
         raise ValueError("corpus.jsonl:3: not JSON")
 
-    error = None
     try:
         rank0_first(fail, timeout=datetime.timedelta(seconds=60))
     except ValueError as err:
-        error = str(err)
-    # re-join with a collective timeout shorter than rank 0's work
-    dist.destroy_process_group()
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=1))
+        return str(err)
+    return "no error"
+
+
+def _rank0_takes(seconds: float) -> float:
+    import torch.distributed as dist
+
+    from parallel.control import rank0_first
+
     rank0_first(lambda: time.sleep(seconds), timeout=datetime.timedelta(seconds=60))
     t = torch.ones(1)
     dist.all_reduce(t)
-    return [error, float(t)]
+    return float(t)
 
 
-def test_ranks_wait_for_rank0_to_tokenize_beyond_the_collective_timeout_and_share_its_error():
-    # rank 1 waits 3 s for rank 0 although a collective may wait only 1 s; before that,
-    # rank 0's error reaches rank 1 too
-    assert run_on_ranks(_rank0_first, 2, 3.0) == [["corpus.jsonl:3: not JSON", 2.0]] * 2
+def test_ranks_wait_for_rank0_to_tokenize_beyond_the_collective_timeout():
+    # rank 1 waits 6 s for rank 0 although a collective may wait only 2 s
+    assert run_on_ranks(_rank0_takes, 2, 6.0, pg_timeout=2) == [2.0, 2.0]
+
+
+def test_an_error_while_rank0_tokenizes_is_raised_on_every_rank():
+    assert run_on_ranks(_rank0_fails, 2) == ["corpus.jsonl:3: not JSON"] * 2
 
 
 def test_other_ranks_open_rank0s_cache_without_reading_the_corpus_again(tmp_path, monkeypatch):

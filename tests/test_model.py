@@ -312,3 +312,21 @@ def test_tied_output_stays_tied_after_materialisation_and_casts():
     model.to(torch.float64)
     assert model.output.weight is model.tok_embeddings.weight
     assert "output.weight" not in dict(model.named_parameters())
+
+
+def test_cpu_rms_norm_matches_torch_rms_norm_forward_and_backward():
+    import torch.nn.functional as F
+
+    from llama.norm import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 64, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(64, generator=g, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 5, 64, generator=g, dtype=torch.float64)
+    ours = rms_norm(x, w, 1e-5)
+    dx, dw = torch.autograd.grad(ours, (x, w), grad)
+    theirs = F.rms_norm(x, (64,), w, 1e-5)
+    tx, tw = torch.autograd.grad(theirs, (x, w), grad)
+    for a, b in ((ours, theirs), (dx, tx), (dw, tw)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, 1e-5), (x[:1, :2, :8], w[:8].detach().requires_grad_()))
