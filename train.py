@@ -451,7 +451,7 @@ def train(opts, parser: Optional[argparse.ArgumentParser] = None) -> int:
             _log_validation(metrics, step, val_loss)
 
     # kept on the device and read only where the loop reads anyway (log and save steps)
-    skipped = torch.zeros((), device=device)  # steps whose update was skipped in this job
+    skipped = torch.full((), float(skipped_before), device=device)  # steps whose update was skipped
     skips_in_row = torch.zeros((), device=device)
     last, window_start, window_steps = {}, time.perf_counter(), 0
     exit_code = 0
@@ -495,7 +495,7 @@ def train(opts, parser: Optional[argparse.ArgumentParser] = None) -> int:
                 "mfu": None if peak_total is None else flops_per_token * tokens_per_s / (peak_total * 1e12),
                 "memory_gb": memory_gb(device),
                 "samples_seen": loader.sample,
-                "skipped_steps": skipped_before + int(skipped.item()),
+                "skipped_steps": int(skipped.item()),
             }
             if val_loss is not None:
                 last["val_loss"] = val_loss
@@ -511,22 +511,21 @@ def train(opts, parser: Optional[argparse.ArgumentParser] = None) -> int:
         stop.observe(step_seconds=time.perf_counter() - step_start)
         if save_now:
             save_start = time.perf_counter()
-            _save(checkpoints, step, model, optimizer, loader, opts, skipped_before + int(skipped.item()))
+            _save(checkpoints, step, model, optimizer, loader, opts, int(skipped.item()))
             stop.observe(save_seconds=time.perf_counter() - save_start)
             window_start += time.perf_counter() - save_start
         reason = stop.agreed() if step < last_step else None
         if reason is not None:
-            if checkpoints.last_saved != step and not save_now:
-                _save(checkpoints, step, model, optimizer, loader, opts, skipped_before + int(skipped.item()))
-            path = checkpoints.save_dir / checkpoint_name(step)
-            checkpoints.close()
-            if rank == 0:
-                print(f"{chr(10) if show_bar else ''}preempted at step {step}: checkpoint saved to {path} "
-                      f"(stopped by {stop.received or reason}); continue with --resume", flush=True)
+            if checkpoints.newest_step != step:
+                _save(checkpoints, step, model, optimizer, loader, opts, int(skipped.item()))
             exit_code = PREEMPTED_EXIT_CODE
             break
-    checkpoints.close()
-    if exit_code == NONFINITE_EXIT_CODE and rank == 0:
+    checkpoints.close()  # the save in flight, if any, becomes visible
+    if exit_code == PREEMPTED_EXIT_CODE and rank == 0:
+        print(f"{chr(10) if show_bar else ''}preempted at step {step}: checkpoint saved to "
+              f"{checkpoints.save_dir / checkpoint_name(step)} (stopped by {stop.received or reason}); "
+              "continue with --resume", flush=True)
+    elif exit_code == NONFINITE_EXIT_CODE and rank == 0:
         newest = "no checkpoint" if checkpoints.last_saved is None else f"the newest checkpoint, step {checkpoints.last_saved},"
         print(f"{chr(10) if show_bar else ''}stopped at step {step}: {opts.max_skips} consecutive steps had a non-finite loss or "
               f"grad norm and were skipped; {newest} is intact. Lower --lr, or check the data", file=sys.stderr, flush=True)

@@ -111,6 +111,11 @@ class Checkpointer:
         # the background writer's collectives must not interleave with training's
         self._writer_group = dist.new_group(backend="gloo") if async_save else None
 
+    @property
+    def newest_step(self) -> Optional[int]:
+        """The step of the newest save, finished or in flight."""
+        return self.pending.step if self.pending is not None else self.last_saved
+
     def save(self, step: int, model, optimizer, trainer: dict) -> Path:
         """Write step `step`; trainer: JSON-able state of the loop (data position, args),
         taken now. Returns the directory the checkpoint has, or will have once finished."""
