@@ -37,12 +37,15 @@ from llama.weights import read_model_args
 from parallel.checkpoint import Checkpointer, checkpoint_name, decide_resume, fault_injection, load_checkpoint
 from parallel.control import control_group, rank0_first
 from parallel.devices import peak_tflops, warn_unknown_device
+from parallel.context import check_cp_divides, split_for_cp
 from parallel.fsdp import STRATEGIES, build_parallel_model
 from parallel.layers import vocab_parallel_cross_entropy
 from parallel.mesh import (
-    build_mesh, dp_mesh, dp_rank, dp_size, gpus_per_node, init_distributed, local_device, warn_if_tp_crosses_nodes)
+    batch_mesh, build_mesh, cp_mesh, dp_rank, dp_size, gpus_per_node, init_distributed, local_device, pp_mesh,
+    warn_if_tp_crosses_nodes)
+from parallel.pipeline import SCHEDULES, Pipeline, PipelineConfig, build_pipeline, check_pipeline
 from parallel.preemption import PREEMPTED_EXIT_CODE, StopRequests, parse_signals, parse_time_limit
-from parallel.train_utils import clip_grad_norm_, sum_over_dp
+from parallel.train_utils import clip_grad_norm_, sum_over_batch
 
 NONFINITE_EXIT_CODE = 4  # --max-skips consecutive non-finite steps; the newest checkpoint predates them
 DATA_PREP_TIMEOUT = datetime.timedelta(hours=24)  # how long ranks wait for rank 0 to tokenize
@@ -74,9 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--eval-batches", type=int, default=4, help="global batches in the fixed validation set (default: %(default)s)")
     a = p.add_argument_group("parallelism")
     a.add_argument("--tp", type=int, help="tensor-parallel size (default: GPUs per node; on CPU 2 if it divides the world)")
-    a.add_argument("--strategy", default="full", choices=STRATEGIES, help="FSDP sharding strategy across dp (default: %(default)s)")
+    a.add_argument("--strategy", default="full", choices=STRATEGIES,
+                   help="FSDP sharding strategy across dp; with --pp, full runs as grad_op and hybrid as hybrid_zero2, "
+                        "keeping each stage gathered through the step (default: %(default)s)")
     a.add_argument("--dp-replicate", type=int, default=1, help="hybrid strategies: number of replica groups (default: %(default)s)")
     a.add_argument("--sequence-parallel", action="store_true", help="split activations along the sequence between blocks (default: off)")
+    a.add_argument("--cp", type=int, default=1,
+                   help="context-parallel size: each sequence is split over this many ranks, which all-gather "
+                        "keys and values (default: %(default)s)")
+    a.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (default: %(default)s)")
+    a.add_argument("--pp-microbatches", type=int,
+                   help="micro-batches the pipeline cuts each --micro-batch into (default: --pp)")
+    a.add_argument("--pp-schedule", default="1f1b", choices=SCHEDULES,
+                   help="pipeline schedule; interleaved needs --virtual-stages 2 or more (default: %(default)s)")
+    a.add_argument("--virtual-stages", type=int, default=1, help="interleaved schedule: stages per pp rank (default: %(default)s)")
+    a.add_argument("--pp-fewer-end-layers", action=argparse.BooleanOptionalAction, default=True,
+                   help="first and last stages hold one block fewer, for the embedding and the LM head (default: on)")
     a.add_argument("--activation-checkpointing", default="none", choices=("none", "full", "selective"),
                    help="recompute activations in backward: every block, or every other one (default: %(default)s)")
     a.add_argument("--compile", action="store_true", help="torch.compile each transformer block (default: off)")
@@ -85,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: bf16 on CUDA, fp32 on CPU)")
     a = p.add_argument_group("batch")
     a.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: %(default)s)")
-    a.add_argument("--micro-batch", type=int, default=4, help="sequences per dp rank per micro-step (default: %(default)s)")
+    a.add_argument("--micro-batch", type=int, default=4,
+                   help="sequences per dp rank per micro-step; with --pp, the pipeline's batch (default: %(default)s)")
     a.add_argument("--global-batch", type=int, help="sequences per optimizer step; overrides --micro-batch (default: micro-batch x dp x grad-accum)")
     a.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default: %(default)s)")
     a = p.add_argument_group("optimisation")
@@ -161,32 +178,73 @@ def param_groups(model, opts) -> list:
 # ---------------------------------------------------------------- one step
 
 
-def train_step(model, optimizer, loader: DistributedDataLoader, device, clip: float, poison: bool = False):
+@dataclass
+class Trainee:
+    """What the loop trains. `model` is the Transformer, or this rank's pipeline stages as
+    one module (parallel.pipeline.RankStages: what the optimizer, clipping and checkpoints
+    take) run by `pipeline`; `cp` is the mesh that splits each sequence (None: no context
+    parallelism)."""
+
+    model: torch.nn.Module
+    pipeline: Optional[Pipeline] = None
+    cp: object = None
+
+    def split(self, batch: Batch) -> Batch:
+        """This cp rank's part of every sequence (the loader gives whole sequences)."""
+        if self.cp is None:
+            return batch
+        return Batch(*(None if t is None else split_for_cp(t, self.cp) for t in batch))
+
+    def loss_share(self, batch: Batch, step_targets: float) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its summed token losses over
+        `step_targets` (0 on pipeline ranks without the last stage)."""
+        batch = self.split(batch)
+        if self.pipeline is not None:
+            return self.pipeline.step(batch.inputs, batch.targets, batch.document_ids, step_targets)
+        logits = self.model(batch.inputs, document_ids=batch.document_ids)
+        loss = vocab_parallel_cross_entropy(logits, batch.targets, reduction="sum") / step_targets
+        loss.backward()
+        return loss.detach()
+
+    @torch.no_grad()
+    def loss_sum(self, batch: Batch) -> tuple:
+        """(summed token losses, targets counted) of a batch, forward only, on this rank's
+        part of it; both 0 on pipeline ranks without the last stage."""
+        batch = self.split(batch)
+        if self.pipeline is not None:
+            loss = self.pipeline.eval_loss_sum(batch.inputs, batch.targets, batch.document_ids)
+            if not self.pipeline.last:
+                return loss, 0
+        else:
+            logits = self.model(batch.inputs, document_ids=batch.document_ids)
+            loss = vocab_parallel_cross_entropy(logits, batch.targets, reduction="sum")
+        return loss, (batch.targets != -100).sum()
+
+
+
+def train_step(trainee: Trainee, optimizer, loader: DistributedDataLoader, device, clip: float, poison: bool = False):
     """One optimizer step over the loader's next global batch. Returns this rank's share of
-    the step's mean loss (the shares add up over dp ranks), the gradient norm, and whether
-    the update was skipped for a non-finite gradient norm (1.0) or not (0.0), all as device
-    tensors: nothing here waits for the device, so read them only on log steps.
-    poison: tests make this rank's loss NaN."""
+    the step's mean loss (the shares add up over pp, dp and cp ranks), the gradient norm,
+    and whether the update was skipped for a non-finite gradient norm (1.0) or not (0.0),
+    all as device tensors: nothing here waits for the device, so read them only on log
+    steps. poison: tests make this rank's loss NaN."""
     loss_sum = torch.zeros((), device=device)
     # the targets that count in this step, over every dp rank and micro-step: each rank's
     # summed loss over them is its share of the step's mean, whatever the mesh
     step_targets = max(loader.step_target_tokens(), 1)
+    if poison:  # every loss this rank computes, and so every gradient, becomes NaN
+        step_targets = float("nan")
     batch = to_device(next(loader), device)
     for micro in range(loader.grad_accum):
-        logits = model(batch.inputs, document_ids=batch.document_ids)
-        loss = vocab_parallel_cross_entropy(logits, batch.targets, reduction="sum") / step_targets
-        if poison:
-            loss = loss * float("nan")
         # one batch of prefetch: the host builds and queues the next micro-batch while the
         # device runs this forward. Not across steps, so that the loader's position at a
         # step boundary (checkpoints, step_target_tokens) is exact; the host runs ahead
         # into the next step anyway, as a step that does not log never waits for the device.
         last = micro + 1 == loader.grad_accum
         upcoming = None if last else to_device(next(loader), device)
-        loss.backward()
-        loss_sum += loss.detach()
+        loss_sum += trainee.loss_share(batch, step_targets)
         batch = upcoming
-    grad_norm = clip_grad_norm_(model, clip if clip > 0 else None)
+    grad_norm = clip_grad_norm_(trainee.model, clip if clip > 0 else None)
     # A non-finite loss on any rank makes the global grad norm non-finite on every rank, so
     # all ranks skip alike. The fused AdamW skips on the device (found_inf, as under
     # GradScaler), without a sync; another optimizer has to read the flag.
@@ -311,18 +369,17 @@ def check_token_ids(max_token_id: int, vocab_size: int, what: str) -> None:
         )
 
 
-@torch.no_grad()
-def evaluate(model, batches: list, device, mesh) -> float:
+def evaluate(trainee: Trainee, batches: list, device, mesh) -> float:
     """Mean loss per target token over the fixed validation batches of every dp rank: the
     same on any mesh, as the set of samples does not depend on it."""
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, targets
     for batch in (to_device(b, device) for b in batches):
-        logits = model(batch.inputs, document_ids=batch.document_ids)
-        targets = batch.targets
-        totals[0] += vocab_parallel_cross_entropy(logits, targets, reduction="sum").double()
-        totals[1] += (targets != -100).sum()
-    if dp_size(mesh) > 1:
-        dist.all_reduce(totals, group=dp_mesh(mesh).get_group())
+        loss, targets = trainee.loss_sum(batch)
+        totals[0] += loss.double()
+        totals[1] += targets
+    group = batch_mesh(mesh)
+    if group.size() > 1:
+        dist.all_reduce(totals, group=group.get_group())
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
@@ -358,7 +415,42 @@ def memory_gb(device) -> float:
 
 def make_mesh(opts):
     # --tp unset: parallel.mesh.default_tp, the GPUs of one node (on CPU 2 when it divides the world)
-    return build_mesh(opts.tp, opts.dp_replicate, hybrid=STRATEGIES[opts.strategy].hybrid)
+    return build_mesh(opts.tp, opts.dp_replicate, hybrid=STRATEGIES[opts.strategy].hybrid, cp=opts.cp, pp=opts.pp)
+
+
+def pipeline_config(opts) -> PipelineConfig:
+    return PipelineConfig(opts.pp_microbatches, opts.pp_schedule, opts.virtual_stages, opts.pp_fewer_end_layers)
+
+
+def check_batch_layout(opts, args: ModelArgs, global_batch: int, dp: int) -> None:
+    """The sequence and batch cuts that context and pipeline parallelism make, before any
+    work: one line naming the flags."""
+    if opts.cp > 1:
+        check_cp_divides(opts.seq_len, opts.cp)
+    microbatches = check_pipeline(args, opts.pp, pipeline_config(opts))
+    rows = global_batch // (dp * opts.grad_accum)
+    if opts.pp > 1 and rows % microbatches:
+        raise ValueError(
+            f"each dp rank's micro-batch of {rows} sequences (--micro-batch, or --global-batch / (dp {dp} x "
+            f"--grad-accum {opts.grad_accum})) must be divisible by --pp-microbatches {microbatches}: the pipeline "
+            "cuts it into that many"
+        )
+
+
+def build_trainee(source, mesh, opts, init: bool) -> Trainee:
+    options = dict(
+        strategy=opts.strategy,
+        sequence_parallel=opts.sequence_parallel,
+        mixed_precision="bf16" if opts.dtype == "bf16" else None,
+        activation_checkpointing=opts.activation_checkpointing,
+        compile=opts.compile,
+        seed=opts.seed,
+        init=init,
+    )
+    if pp_mesh(mesh) is None:
+        return Trainee(build_parallel_model(source, mesh, **options), cp=cp_mesh(mesh))
+    pipeline = build_pipeline(source, mesh, pipeline_config(opts), **options)
+    return Trainee(pipeline.model, pipeline, cp=cp_mesh(mesh))
 
 
 # ---------------------------------------------------------------- main
@@ -394,21 +486,14 @@ def train(opts, parser: Optional[argparse.ArgumentParser] = None) -> int:
     if tokenizer.vocab_size > args.vocab_size:
         raise ValueError(f"--tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is {args.vocab_size}")
     global_batch = opts.global_batch or opts.micro_batch * dp_size(mesh) * opts.grad_accum
+    check_batch_layout(opts, args, global_batch, dp_size(mesh))
 
     data = build_data(opts, tokenizer, mesh, global_batch, args.vocab_size)
     loader, validation = data.loader, data.validation
 
-    model = build_parallel_model(
-        opts.checkpoint or args,
-        mesh,
-        strategy=opts.strategy,
-        sequence_parallel=opts.sequence_parallel,
-        mixed_precision="bf16" if opts.dtype == "bf16" else None,
-        activation_checkpointing=opts.activation_checkpointing,
-        compile=opts.compile,
-        seed=opts.seed,
-        init=resume_from is None,  # resuming: the checkpoint's weights replace whatever is there
-    )
+    # resuming: the checkpoint's weights replace whatever is there, so none are drawn or read
+    trainee = build_trainee(opts.checkpoint or args, mesh, opts, init=resume_from is None)
+    model = trainee.model
     optimizer = build_optimizer(model, opts, device)
     checkpoints = Checkpointer(save_dir, opts.keep, async_save=opts.async_checkpoint)
 
@@ -446,7 +531,7 @@ def train(opts, parser: Optional[argparse.ArgumentParser] = None) -> int:
     last_step = opts.steps if opts.stop_after is None else min(opts.steps, step + opts.stop_after)
     memory_snapshot = MemorySnapshot(opts.memory_snapshot, save_dir, rank, device, at_step=min(step + 3, last_step))
     if validation and resume_from is None:  # the starting point of the validation curve
-        val_loss = evaluate(model, validation, device, mesh)
+        val_loss = evaluate(trainee, validation, device, mesh)
         if rank == 0:
             _log_validation(metrics, step, val_loss)
 
@@ -462,7 +547,7 @@ def train(opts, parser: Optional[argparse.ArgumentParser] = None) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr
         poison = fault_injection("nan", step + 1, rank)
-        loss_sum, grad_norm, skip = train_step(model, optimizer, loader, device, opts.clip, poison=poison)
+        loss_sum, grad_norm, skip = train_step(trainee, optimizer, loader, device, opts.clip, poison=poison)
         step += 1
         window_steps += 1
         skipped += skip
@@ -473,7 +558,7 @@ def train(opts, parser: Optional[argparse.ArgumentParser] = None) -> int:
         val_loss = None
         if validation and (step % opts.eval_every == 0 or step == last_step):
             eval_start = time.perf_counter()
-            val_loss = evaluate(model, validation, device, mesh)
+            val_loss = evaluate(trainee, validation, device, mesh)
             window_start += time.perf_counter() - eval_start  # tokens/s counts training alone
         log_now = step % opts.log_every == 0 or step in (1, last_step)  # step 1 shows the starting loss
         save_now = (opts.save_every and step % opts.save_every == 0) or step == last_step
@@ -482,7 +567,7 @@ def train(opts, parser: Optional[argparse.ArgumentParser] = None) -> int:
             exit_code = NONFINITE_EXIT_CODE
             break
         if log_now:
-            loss_value = sum_over_dp(loss_sum.item(), mesh)  # the shares add up to the step's mean
+            loss_value = sum_over_batch(loss_sum.item(), mesh)  # the shares add up to the step's mean
             elapsed = time.perf_counter() - window_start
             tokens_per_s = tokens_per_step * window_steps / elapsed
             last = {

@@ -248,22 +248,16 @@ class Transformer(nn.Module):
             raise ValueError("last_only needs the whole sequence on each rank; build the model with sequence_parallel=False")
         if cache is not None or start_pos:
             self.check_cache(cache, tokens, start_pos)
-        mask = None
-        if self.cp_mesh is not None:
-            if cache is not None or start_pos or last_only:
-                raise ValueError(
-                    "context parallelism (cp_mesh) trains on whole split sequences; KV-cache decoding and "
-                    "last_only run on a model built without a cp_mesh"
-                )
-            cos, sin, mask = self.context_parallel_inputs(tokens, document_ids)
-        elif document_ids is None:
-            cos, sin = self.rope(tokens.shape[1], tokens.device, start_pos)
-        else:
-            if cache is not None or start_pos:
-                raise ValueError("document_ids are for training on packed rows; KV-cache decoding runs one document")
+        if self.cp_mesh is not None and (cache is not None or start_pos or last_only):
+            raise ValueError(
+                "context parallelism (cp_mesh) trains on whole split sequences; KV-cache decoding and "
+                "last_only run on a model built without a cp_mesh"
+            )
+        if document_ids is not None and (cache is not None or start_pos):
+            raise ValueError("document_ids are for training on packed rows; KV-cache decoding runs one document")
+        if document_ids is not None:
             check_document_ids(document_ids, tokens)
-            cos, sin = self.rope_at(document_positions(document_ids))
-            mask = document_mask(document_ids, self.attention_kernel)
+        cos, sin, mask = self.block_inputs(tokens.shape[1], tokens.device, start_pos, document_ids)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, start_pos, None if cache is None else (cache.k[i], cache.v[i]), mask)
@@ -271,17 +265,25 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         return self.output(self.norm(h))
 
-    def context_parallel_inputs(self, tokens: torch.Tensor, document_ids: Optional[torch.Tensor]):
-        """RoPE rows and the attention mask of this cp rank's tokens, from global positions.
-        Per-document positions need the whole sequence's ids: gathered (a few bytes per
-        token), numbered, then split again."""
-        seq_len = tokens.shape[1] * cp_size(self.cp_mesh)
-        positions = cp_positions(seq_len, self.cp_mesh, tokens.device)
+    def block_inputs(self, seqlen: int, device, start_pos: int = 0, document_ids: Optional[torch.Tensor] = None):
+        """What every block reads besides the residual stream: the RoPE rows (cos, sin) of
+        this rank's `seqlen` positions, and the attention mask (None: plain causal)."""
+        if self.cp_mesh is not None:
+            return self.context_parallel_inputs(seqlen, device, document_ids)
+        if document_ids is None:
+            return (*self.rope(seqlen, device, start_pos), None)
+        return (*self.rope_at(document_positions(document_ids)), document_mask(document_ids, self.attention_kernel))
+
+    def context_parallel_inputs(self, seqlen: int, device, document_ids: Optional[torch.Tensor]):
+        """RoPE rows and the attention mask of this cp rank's `seqlen` tokens, from global
+        positions. Per-document positions need the whole sequence's ids: gathered (a few
+        bytes per token), numbered, then split again."""
+        seq_len = seqlen * cp_size(self.cp_mesh)
+        positions = cp_positions(seq_len, self.cp_mesh, device)
         prefixes = cp_key_prefixes(seq_len, self.cp_mesh)
         if document_ids is None:
             cos, sin = self.rope_at(positions)
             return cos, sin, context_parallel_mask(positions, seq_len, kernel=self.attention_kernel, key_prefixes=prefixes)
-        check_document_ids(document_ids, tokens)
         all_ids = gather_for_cp(document_ids, self.cp_mesh)
         cos, sin = self.rope_at(split_for_cp(document_positions(all_ids), self.cp_mesh))
         mask = context_parallel_mask(positions, seq_len, all_ids, document_ids, self.attention_kernel, prefixes)

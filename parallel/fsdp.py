@@ -26,6 +26,7 @@ tests/test_fsdp.py holds this against single-device gradients.
 """
 
 import functools
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -38,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from llama.config import ModelArgs
 from llama.model import Transformer
 
-from .mesh import dp_mesh, is_hybrid, local_device, tp_mesh
+from .mesh import cp_mesh, dp_cp_mesh, is_hybrid, local_device, tp_mesh
 from .train_utils import clip_grad_norm_
 
 __all__ = ["STRATEGIES", "Strategy", "build_parallel_model", "clip_grad_norm_", "fsdp_groups", "get_strategy"]
@@ -68,15 +69,25 @@ def get_strategy(name: str) -> Strategy:
 
 
 def fsdp_mesh(mesh: DeviceMesh, strategy: Strategy) -> DeviceMesh:
-    """The mesh fully_shard runs on: 1-D "dp", or 2-D (dp_replicate, dp_shard) for HSDP."""
+    """The mesh fully_shard runs on: 1-D "dp", or 2-D (dp_replicate, dp_shard) for HSDP.
+    cp ranks count as data-parallel ranks (same parameters, different tokens): with
+    context parallelism parameters are sharded over dp x cp ("dp_cp", or dp_shard x cp
+    under HSDP)."""
     if strategy.hybrid:
         if not is_hybrid(mesh):
             raise ValueError(
                 f"--strategy {strategy.name} needs the hybrid mesh (dp_replicate, dp_shard, tp); "
                 f"build it with build_mesh(tp, dp_replicate=R, hybrid=True) / --dp-replicate R, got {mesh.mesh_dim_names}"
             )
-        return mesh["dp_replicate", "dp_shard"]
-    return dp_mesh(mesh)  # on a hybrid mesh: all dp ranks, flattened
+        if "cp" not in mesh.mesh_dim_names:
+            return mesh["dp_replicate", "dp_shard"]
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        with warnings.catch_warnings():
+            # torch 2.11-2.13 slice a flattened dim from the root mesh (as torchtitan does for
+            # HSDP with cp) and warn that a later release will want it kept elsewhere
+            warnings.filterwarnings("ignore", message="Slicing a flattened dim")
+            return mesh["dp_replicate", "dp_shard_cp"]
+    return dp_cp_mesh(mesh)  # on a hybrid mesh: all dp (and cp) ranks, flattened
 
 
 def mixed_precision_policy(name: Optional[str]) -> MixedPrecisionPolicy:
@@ -118,19 +129,30 @@ def _recompute_in_backward(forward):
     return run
 
 
+def blocks(model: Transformer) -> list:
+    """(block id, block) of the blocks a model holds: all of them, or a pipeline stage's
+    (whose `layers` is a ModuleDict keyed by block id)."""
+    if isinstance(model.layers, torch.nn.ModuleDict):
+        return [(int(i), block) for i, block in model.layers.items()]
+    return list(enumerate(model.layers))
+
+
 def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
     # The block's forward is wrapped in place rather than the block in a wrapper module:
     # parameter names stay Meta's (`layers.0.attention.wq.weight`), which checkpoint
     # loading and DCP rely on. FSDP's hooks sit outside, so recomputation re-gathers nothing.
-    for i in checkpointed_blocks(len(model.layers), mode):
-        block = model.layers[i]
-        block.forward = _recompute_in_backward(block.forward)
+    # Block ids are the whole model's, so a pipeline stage recomputes the blocks it would
+    # recompute without a pipeline.
+    chosen = set(checkpointed_blocks(model.args.n_layers, mode))
+    for i, block in blocks(model):
+        if i in chosen:
+            block.forward = _recompute_in_backward(block.forward)
 
 
 def apply_compile(model: Transformer, backend: str = "inductor") -> None:
     # Per block, so that all blocks share one compiled graph and FSDP's hooks (which
     # dynamo skips) stay between graphs instead of breaking one large graph.
-    for block in model.layers:
+    for _, block in blocks(model):
         block.forward = torch.compile(block.forward, backend=backend)
 
 
@@ -140,11 +162,13 @@ def fsdp_groups(model: Transformer, strategy: Strategy) -> list:
     its gradients reduced by one reduce-scatter (plus one all-reduce across dp_replicate
     for HSDP). The planner reads the same list."""
     reshard = strategy.reshard_after_forward
-    groups = [(f"layers.{i}", block, reshard) for i, block in enumerate(model.layers)]
+    groups = [(f"layers.{i}", block, reshard) for i, block in blocks(model)]
     if not model.args.tie_word_embeddings:
-        groups.append(("tok_embeddings", model.tok_embeddings, reshard))
-        # used last in forward, first in backward: resharding would only gather them again
-        groups.append(("norm+output", [model.norm, model.output], False))
+        if model.tok_embeddings is not None:  # None: a pipeline stage other than the first
+            groups.append(("tok_embeddings", model.tok_embeddings, reshard))
+        if model.output is not None:
+            # used last in forward, first in backward: resharding would only gather them again
+            groups.append(("norm+output", [model.norm, model.output], False))
     # Tied embeddings: one parameter is read by the first and the last module, so it can
     # only live in a group spanning both: the root (with the final norm).
     groups.append(("root", model, False))
@@ -186,6 +210,7 @@ def build_parallel_model(
     seed: int = 0,
     materialize: bool = True,
     init: bool = True,
+    make_model=None,
 ) -> Transformer:
     """The 2-D parallel model on `mesh` (from `parallel.mesh.build_mesh`).
 
@@ -195,6 +220,8 @@ def build_parallel_model(
     materialize=False leaves the model on the meta device (the planner uses this).
     init=False allocates the shards without drawing or reading values: for a training
     checkpoint that is loaded over them next.
+    make_model(args, tp_mesh, sequence_parallel, cp_mesh): builds something else than the
+    whole Transformer on meta, e.g. a pipeline stage (parallel/pipeline.py).
 
     Gradients are sums over dp ranks; normalise the loss by the global token count."""
     plan = get_strategy(strategy)
@@ -210,7 +237,7 @@ def build_parallel_model(
         path, args = Path(source), read_model_args(source)
 
     with torch.device("meta"):
-        model = Transformer(args, tp_mesh(mesh), sequence_parallel=sequence_parallel)
+        model = (make_model or Transformer)(args, tp_mesh(mesh), sequence_parallel, cp_mesh(mesh))
     if compile:
         apply_compile(model, "inductor" if compile is True else compile)
     # after compile: checkpoint runs eagerly around the compiled block (traced inside a

@@ -1,8 +1,13 @@
-"""The device mesh: ("dp", "tp"), or ("dp_replicate", "dp_shard", "tp") for hybrid sharding.
+"""The device mesh: ("pp", "dp", "cp", "tp"), with "dp" split into ("dp_replicate",
+"dp_shard") for hybrid sharding. "pp" and "cp" exist only when larger than 1: a 2-D run
+has the ("dp", "tp") mesh, its groups, names and checkpoints, and nothing else.
 
 Tensor parallelism is the innermost (fastest-varying) dimension, so that a tp group is
-the GPUs of one node. A hybrid mesh also gets a flattened "dp" dimension (all data-
-parallel ranks), so `dp_mesh(mesh)` always names the ranks that see different data.
+the GPUs of one node; context parallelism next (its K/V all-gathers are the next
+heaviest traffic), then data parallelism, and pipeline stages outermost (they exchange
+one activation per micro-batch, the lightest traffic, so they may cross the slowest
+links). A hybrid mesh also gets a flattened "dp" dimension (all data-parallel ranks),
+so `dp_mesh(mesh)` always names the ranks that see different data.
 
 Every check here runs before any collective, on every rank alike, so a bad shape ends
 all ranks with the same message instead of a hang."""
@@ -106,23 +111,37 @@ def default_tp(world_size: Optional[int] = None) -> int:
     return 2 if world_size % 2 == 0 else 1
 
 
-def mesh_shape(world_size: int, tp: int, dp_replicate: int = 1, hybrid: Optional[bool] = None) -> dict:
-    """Mesh dimension name -> size, checked. `hybrid` (default: dp_replicate > 1) asks for the
-    3-D hybrid-sharding mesh even when dp_replicate is 1."""
+def mesh_shape(
+    world_size: int, tp: int, dp_replicate: int = 1, hybrid: Optional[bool] = None, cp: int = 1, pp: int = 1
+) -> dict:
+    """Mesh dimension name -> size, outermost first, checked. `hybrid` (default:
+    dp_replicate > 1) asks for the hybrid-sharding dims even when dp_replicate is 1."""
     if tp < 1 or world_size % tp:
         raise ValueError(f"--tp {tp} must divide the world size {world_size} (nodes x processes per node)")
-    dp = world_size // tp
+    for flag, size in (("--cp", cp), ("--pp", pp)):
+        if size < 1:
+            raise ValueError(f"{flag} {size} must be 1 or more")
+    if world_size % (tp * cp * pp):
+        raise ValueError(
+            f"--pp {pp} x --cp {cp} x --tp {tp} = {pp * cp * tp} must divide the world size {world_size}; "
+            "the rest of the ranks are data-parallel"
+        )
+    dp = world_size // (tp * cp * pp)
     if dp_replicate < 1 or dp % dp_replicate:
         raise ValueError(
-            f"--dp-replicate {dp_replicate} must divide the data-parallel size {dp} (= world {world_size} / tp {tp})"
+            f"--dp-replicate {dp_replicate} must divide the data-parallel size {dp} "
+            f"(= world {world_size} / (pp {pp} x cp {cp} x tp {tp}))"
         )
     if hybrid is None:
         hybrid = dp_replicate > 1
-    if hybrid:
-        return {"dp_replicate": dp_replicate, "dp_shard": dp // dp_replicate, "tp": tp}
-    if dp_replicate > 1:
+    if not hybrid and dp_replicate > 1:
         raise ValueError(f"--dp-replicate {dp_replicate} needs the hybrid mesh; pass hybrid=True or leave it at 1")
-    return {"dp": dp, "tp": tp}
+    shape = {"pp": pp} if pp > 1 else {}
+    shape.update({"dp_replicate": dp_replicate, "dp_shard": dp // dp_replicate} if hybrid else {"dp": dp})
+    if cp > 1:
+        shape["cp"] = cp
+    shape["tp"] = tp
+    return shape
 
 
 def build_mesh(
@@ -131,17 +150,26 @@ def build_mesh(
     world_size: Optional[int] = None,
     hybrid: Optional[bool] = None,
     device: Optional[str] = None,
+    cp: int = 1,
+    pp: int = 1,
 ) -> DeviceMesh:
     """The mesh over all ranks of the (already initialised) default process group.
-    tp=None: `default_tp(world_size)`; device: "cuda" or "cpu" (default: what this machine has)."""
+    tp=None: `default_tp(world_size / (cp * pp))`; device: "cuda" or "cpu" (default: what
+    this machine has)."""
     actual = dist.get_world_size()
     world_size = world_size or actual
     if world_size != actual:
         raise ValueError(f"world size {world_size} was asked for, but the process group has {actual} ranks")
-    shape = mesh_shape(world_size, default_tp(world_size) if tp is None else tp, dp_replicate, hybrid)
+    if tp is None:
+        tp = default_tp(world_size // (cp * pp) if cp * pp and world_size % (cp * pp) == 0 else world_size)
+    shape = mesh_shape(world_size, tp, dp_replicate, hybrid, cp, pp)
     mesh = init_device_mesh(device or device_type(), tuple(shape.values()), mesh_dim_names=tuple(shape))
+    # the flattened groups, created now on every rank together (DeviceMesh caches them)
     if "dp_replicate" in shape:
-        dp_mesh(mesh)  # create the flattened group now, on every rank together
+        dp_mesh(mesh)
+    if "cp" in shape:
+        dp_cp_mesh(mesh)
+    batch_mesh(mesh)
     return mesh
 
 
@@ -155,6 +183,34 @@ def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
     if is_hybrid(mesh):
         return mesh["dp_replicate", "dp_shard"]._flatten("dp")
     return mesh["dp"]
+
+
+def dp_cp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The ranks FSDP shards parameters over: dp, and cp, whose ranks hold the same
+    parameters and see different tokens (so their gradients are summed like dp's)."""
+    if "cp" not in mesh.mesh_dim_names:
+        return dp_mesh(mesh)
+    names = ("dp_replicate", "dp_shard", "cp") if is_hybrid(mesh) else ("dp", "cp")
+    return mesh[names]._flatten("dp_cp")
+
+
+def batch_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """Every rank of one tp group's kind: pp, dp and cp flattened. Each holds a different
+    part of the step's loss (its batch rows, its part of the sequence, or, on pp ranks
+    that are not the last stage, nothing), so their shares sum to the step's loss."""
+    if "pp" not in mesh.mesh_dim_names and "cp" not in mesh.mesh_dim_names:
+        return dp_mesh(mesh)
+    return mesh[tuple(n for n in mesh.mesh_dim_names if n != "tp")]._flatten("batch")
+
+
+def cp_mesh(mesh: DeviceMesh) -> Optional[DeviceMesh]:
+    """The context-parallel ranks of this rank, or None without context parallelism."""
+    return mesh["cp"] if "cp" in mesh.mesh_dim_names else None
+
+
+def pp_mesh(mesh: DeviceMesh) -> Optional[DeviceMesh]:
+    """The pipeline stages' ranks of this rank, or None without pipeline parallelism."""
+    return mesh["pp"] if "pp" in mesh.mesh_dim_names else None
 
 
 def tp_mesh(mesh: DeviceMesh) -> Optional[DeviceMesh]:

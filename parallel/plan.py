@@ -66,6 +66,7 @@ from llama.config import PRESETS, ModelArgs
 from .fsdp import STRATEGIES, build_parallel_model, checkpointed_blocks, fsdp_groups, get_strategy
 from .layers import CROSS_ENTROPY_CHUNK_BYTES
 from .mesh import build_mesh, dp_mesh, is_hybrid, mesh_shape
+from .pipeline import SCHEDULES, PipelineConfig, check_pipeline, stage_layer_counts
 
 GIB = 2**30
 MIB = 2**20
@@ -237,22 +238,6 @@ class StepConfig:
 
 # ---------------------------------------------------------------- the 4-D layout
 
-SCHEDULES = ("1f1b", "interleaved")
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    """How a pipeline runs, as torch.distributed.pipelining's Schedule1F1B and
-    ScheduleInterleaved1F1B run it. microbatches: per optimizer step (None: pp, the fewest
-    1F1B accepts); virtual_stages: stages per rank (interleaved); fewer_end_layers: the
-    first and last stages hold one layer fewer (Llama 3)."""
-
-    microbatches: Optional[int] = None
-    schedule: str = "1f1b"
-    virtual_stages: int = 1
-    fewer_end_layers: bool = True
-
-
 @dataclass(frozen=True)
 class Hardware:
     """What the step-time estimate assumes; see the constants for the sources."""
@@ -312,25 +297,6 @@ class PipelineRank:
 
     def layers_of(self, stage: int) -> range:
         return self.stage_layers[self.stages.index(stage)]
-
-
-def stage_layer_counts(n_layers: int, stages: int, fewer_end_layers: bool = True) -> list:
-    """Blocks per pipeline stage, as even as they go. With fewer_end_layers the first and
-    the last stage hold one block fewer, as Llama 3 did for the embedding and the LM head
-    (and the first stage's extra micro-batches in flight): 405B's 126 on 16 stages are
-    7, 8 x 14, 7."""
-    fewer = fewer_end_layers and stages > 1
-    base, extra = divmod(n_layers + (2 if fewer else 0), stages)
-    counts = [base + (1 if 0 < i <= extra else 0) for i in range(stages)]
-    if fewer:
-        counts[0] -= 1
-        counts[-1] -= 1
-    if min(counts) < 1:
-        raise ValueError(
-            f"--pp x virtual stages = {stages} stages is more than {n_layers} layers can fill"
-            + (" with one layer fewer on the first and last (try --no-pp-fewer-end-layers)" if fewer else "")
-        )
-    return counts
 
 
 def forwards_in_flight(rank: int, pp: int, microbatches: int, virtual_stages: int) -> tuple:
@@ -397,30 +363,7 @@ def check_layout(args: ModelArgs, world_size: int, tp: int, cfg: StepConfig, lay
             f"--seq-len {cfg.seq_len} must be a multiple of 2 x --cp = {2 * cp}: context parallelism "
             "splits each sequence into 2 x cp chunks, rank r taking chunks r and 2cp-1-r"
         )
-    if pipeline.schedule not in SCHEDULES:
-        raise ValueError(f"unknown --pp-schedule {pipeline.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if pp == 1:
-        if pipeline.microbatches not in (None, 1) or pipeline.schedule != "1f1b" or pipeline.virtual_stages != 1:
-            raise ValueError("--pp-microbatches, --pp-schedule and --virtual-stages need --pp > 1 "
-                             "(without a pipeline, accumulate with --grad-accum)")
-    else:
-        if args.tie_word_embeddings:
-            raise ValueError(f"--pp {pp}: this model ties its embedding and LM head, which the first and "
-                             "last stages would have to share; plan it with --pp 1")
-        v, m = pipeline.virtual_stages, layout.microbatches
-        if (pipeline.schedule == "interleaved") != (v > 1):
-            raise ValueError(f"--pp-schedule {pipeline.schedule} with --virtual-stages {v}: interleaved needs "
-                             "--virtual-stages 2 or more, 1f1b exactly 1")
-        if m < 1:
-            raise ValueError(f"--pp-microbatches {m} must be at least 1")
-        if m < pp:  # 1F1B refuses fewer; interleaved then idles beyond (p-1)/(v m + p - 1)
-            raise ValueError(f"--pp-microbatches {m} must be at least --pp {pp}, so that every stage has work "
-                             "while the pipeline fills")
-        rounds = max(1, m // pp)
-        if v > 1 and m % rounds:
-            raise ValueError(f"--pp-microbatches {m} must be a multiple of {rounds} (micro-batches // pp): "
-                             "interleaved 1F1B runs them in equal rounds")
-        stage_layer_counts(args.n_layers, pp * v, pipeline.fewer_end_layers)
+    check_pipeline(args, pp, pipeline)
     return world_size // (pp * cp * tp)
 
 
@@ -513,9 +456,11 @@ def fsdp_collectives(groups, dims: dict, shard: int, strategy, cfg: StepConfig, 
     Under a pipeline of m micro-batches, torch.distributed.pipelining keeps a group
     gathered from its first backward to the end of the step and its gradients unsharded
     (`set_reshard_after_backward(False)`, `set_requires_gradient_sync(False)`), and reduces
-    them once after the last backward: one gather per group when forward does not reshard;
-    when it does, one per forward until the first backward, then one per backward that
-    follows a forward: m + 1. One reduce-scatter (and HSDP all-reduce) per group.
+    them once after the last backward. Forward does not reshard either: build_pipeline runs
+    the resharding strategies as their keep-gathered twins (parallel.pipeline.
+    PIPELINE_STRATEGY), since resharding would gather the group again for every
+    micro-batch (m + 1 gathers). So: one gather, one reduce-scatter (and HSDP all-reduce)
+    per group.
 
     FSDP skips the all-gather and reduce-scatter on a one-rank shard group. The shard group
     is dp (dp_shard for HSDP) times cp: context-parallel ranks hold different tokens."""
@@ -527,7 +472,7 @@ def fsdp_collectives(groups, dims: dict, shard: int, strategy, cfg: StepConfig, 
         if shard > 1:
             gathered = Collective(label, "all_gather", shard * numel * cfg.compute_bytes, shard)
             if pipelined_microbatches:
-                out += [gathered] * (pipelined_microbatches + 1 if reshard else 1)
+                out.append(gathered)
             else:
                 out += [gathered] * (2 if reshard else 1)
             out.append(Collective(label, "reduce_scatter", shard * numel * 4, shard))

@@ -1,5 +1,5 @@
 """Mesh-independent training arithmetic: the loss normalised by the global token count,
-and gradient clipping over DTensor gradients sharded on any (dp, tp) mesh.
+and gradient clipping over DTensor gradients sharded on any (pp, dp, cp, tp) mesh.
 
 With these, a step's loss, gradient norm and update are those of one device holding
 the whole global batch, whatever the mesh and the number of micro-steps."""
@@ -14,7 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from .layers import vocab_parallel_cross_entropy
-from .mesh import dp_mesh, local_device
+from .mesh import batch_mesh, dp_mesh, local_device
 
 
 def global_token_count(
@@ -40,9 +40,19 @@ def token_loss(logits, targets: torch.Tensor, global_tokens: int, ignore_index: 
 def sum_over_dp(value: float, mesh: Optional[DeviceMesh] = None) -> float:
     """Add up a per-rank number over dp ranks, e.g. the `token_loss` shares, whose sum
     is the step's mean loss (for logging; one small all-reduce)."""
-    if mesh is None or dp_mesh(mesh).size() == 1:
+    return _sum_over(value, None if mesh is None else dp_mesh(mesh))
+
+
+def sum_over_batch(value: float, mesh: Optional[DeviceMesh] = None) -> float:
+    """Add up a per-rank number over every rank that holds a different part of the step's
+    loss: dp ranks (rows), cp ranks (parts of each sequence) and pp ranks (only the last
+    stage has a loss; the others add 0). tp ranks hold the same value and are not added."""
+    return _sum_over(value, None if mesh is None else batch_mesh(mesh))
+
+
+def _sum_over(value: float, group: Optional[DeviceMesh]) -> float:
+    if group is None or group.size() == 1:
         return value
-    group = dp_mesh(mesh)
     total = torch.tensor([value], dtype=torch.float64, device=group.device_type)
     dist.all_reduce(total, group=group.get_group())
     return float(total.item())
@@ -73,7 +83,8 @@ def _gradients(parameters) -> list:
 def _norm_of(grads: list) -> torch.Tensor:
     # Each rank sums the squares of its local shards, dividing replicated ones by their
     # replica count so that the sum over all ranks counts each element once; one
-    # all-reduce over the world (the model spans every rank) adds the ranks up.
+    # all-reduce over the world adds the ranks up. Pipeline stages hold disjoint
+    # parameters, so the world sum also adds the stages (the norm over pp).
     # Everything stays a tensor on the device: no step of this waits for the GPU.
     if not grads:
         return torch.zeros((), dtype=torch.float64)

@@ -295,15 +295,15 @@ def test_train_step_skips_the_update_of_a_nan_step_with_either_adamw(fused):
     tokens = np.random.default_rng(0).integers(0, args.vocab_size, 400, dtype=np.uint32)
     loader = DistributedDataLoader(PackedDataset(tokens, 16, seed=0), global_batch=2, dp_rank=0, dp_size=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused, foreach=not fused)
-    train.train_step(model, optimizer, loader, torch.device("cpu"), clip=1.0)
+    train.train_step(train.Trainee(model), optimizer, loader, torch.device("cpu"), clip=1.0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     state = {n: optimizer.state[p]["exp_avg"].clone() for n, p in model.named_parameters()}
-    _, norm, skipped = train.train_step(model, optimizer, loader, torch.device("cpu"), clip=1.0, poison=True)
+    _, norm, skipped = train.train_step(train.Trainee(model), optimizer, loader, torch.device("cpu"), clip=1.0, poison=True)
     assert skipped.item() == 1.0 and not torch.isfinite(norm)
     for name, param in model.named_parameters():
         assert torch.equal(param, before[name]), name
         assert torch.equal(optimizer.state[param]["exp_avg"], state[name]), name
-    _, _, skipped = train.train_step(model, optimizer, loader, torch.device("cpu"), clip=1.0)
+    _, _, skipped = train.train_step(train.Trainee(model), optimizer, loader, torch.device("cpu"), clip=1.0)
     assert skipped.item() == 0.0 and not torch.equal(model.output.weight, before["output.weight"])
 
 

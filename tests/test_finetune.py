@@ -75,10 +75,10 @@ def _mesh_worker(data: Path, cache_dir: Path) -> list:
         my_targets = sum(
             train_set.num_targets(m * per_micro + first + j) for m in range(GRAD_ACCUM) for j in range(loader.micro_batch)
         )
-        val_loss = train.evaluate(model, validation, device, mesh)
+        val_loss = train.evaluate(train.Trainee(model), validation, device, mesh)
         losses = []
         for _ in range(STEPS):
-            share, _, _ = train.train_step(model, optimizer, loader, device, clip=1.0)
+            share, _, _ = train.train_step(train.Trainee(model), optimizer, loader, device, clip=1.0)
             losses.append(sum_over_dp(share.item(), mesh))
         # numpy: tensors sent back through the queue would live in this process's shared memory
         params = {n: p.detach().full_tensor().numpy().copy() for n, p in model.named_parameters()}

@@ -6,7 +6,8 @@ import pytest
 import torch.distributed as dist
 
 import parallel.mesh as mesh_mod
-from parallel.mesh import build_mesh, default_tp, dp_mesh, dp_size, is_hybrid, mesh_shape, tp_mesh
+from parallel.mesh import (
+    batch_mesh, build_mesh, cp_mesh, default_tp, dp_cp_mesh, dp_mesh, dp_size, is_hybrid, mesh_shape, pp_mesh, tp_mesh)
 from parallel.plan import init_fake_world
 
 
@@ -24,6 +25,14 @@ def test_mesh_shape_is_dp_by_tp_or_replicate_by_shard_by_tp():
     assert mesh_shape(128, 8, dp_replicate=4) == {"dp_replicate": 4, "dp_shard": 4, "tp": 8}
     assert mesh_shape(4, 2, hybrid=True) == {"dp_replicate": 1, "dp_shard": 2, "tp": 2}
     assert mesh_shape(4, 4) == {"dp": 1, "tp": 4}
+
+
+def test_4d_mesh_is_pp_dp_cp_tp_and_size_one_dims_leave_no_trace():
+    assert mesh_shape(64, 8, cp=2, pp=2) == {"pp": 2, "dp": 2, "cp": 2, "tp": 8}
+    assert list(mesh_shape(64, 4, dp_replicate=2, cp=2, pp=2)) == ["pp", "dp_replicate", "dp_shard", "cp", "tp"]
+    assert mesh_shape(16, 8, cp=1, pp=1) == mesh_shape(16, 8) == {"dp": 2, "tp": 8}  # a 2-D run stays 2-D
+    one_line_error(lambda: mesh_shape(12, 2, cp=4), "--pp 1 x --cp 4 x --tp 2 = 8 must divide the world size 12")
+    one_line_error(lambda: mesh_shape(8, 2, pp=0), "--pp 0 must be 1 or more")
 
 
 def test_world_that_does_not_fit_gets_one_line_naming_the_flag():
@@ -61,6 +70,17 @@ def test_build_mesh_names_dims_and_flattens_hybrid_dp(fake_world):
     assert hybrid.mesh_dim_names == ("dp_replicate", "dp_shard", "tp") and is_hybrid(hybrid)
     assert dp_mesh(hybrid).size() == 4 and dp_mesh(hybrid).mesh_dim_names == ("dp",)
     assert tp_mesh(build_mesh(1, device="cpu")) is None  # tp 1: plain parameters, no size-1 collectives
+
+
+def test_build_mesh_4d_groups_cp_with_dp_for_fsdp_and_pp_with_both_for_the_loss(fake_world):
+    fake_world(32)
+    mesh = build_mesh(2, device="cpu", cp=2, pp=2)
+    assert mesh.mesh_dim_names == ("pp", "dp", "cp", "tp") and dp_size(mesh) == 4
+    assert dp_cp_mesh(mesh).size() == 8  # FSDP shards over dp x cp
+    assert batch_mesh(mesh).size() == 16  # every rank of one tp position holds part of the loss
+    assert cp_mesh(mesh).size() == 2 and pp_mesh(mesh).size() == 2
+    flat = build_mesh(2, device="cpu")
+    assert cp_mesh(flat) is None and pp_mesh(flat) is None and batch_mesh(flat) == dp_mesh(flat) == dp_cp_mesh(flat) == flat["dp"]
 
 
 def test_build_mesh_checks_the_world_size(fake_world):

@@ -165,7 +165,7 @@ def _train_steps(tp: int, deliberate: bool) -> list:
         optimizer = optimizers(model)[kind]
         for _ in range(2):
             with HostReads() as recorded:
-                loss, norm, _ = train.train_step(model, optimizer, loader, torch.device("cpu"), clip=1.0)
+                loss, norm, _ = train.train_step(train.Trainee(model), optimizer, loader, torch.device("cpu"), clip=1.0)
                 if deliberate:
                     float(norm)
         reads[kind] = len(not_ours(recorded, optimizer))

@@ -1,0 +1,94 @@
+"""train.py with pipeline (--pp) and context (--cp) parallelism, end to end under torchrun
+on 4 CPU processes: the same run as on the 2-D mesh (losses, grad norms, validation
+losses), and a 2-D checkpoint that resumes on pp 2 and on cp 2, and a pp 2 checkpoint
+that resumes on 2-D, continuing the same run.
+
+Tolerance: fp32 on another mesh adds up reductions in another order; 1e-5 on every
+logged number over these few steps."""
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama import Transformer
+from llama.weights import save_checkpoint
+from tests.test_train import TINY, check, final_weights, metrics, torchrun
+
+TOL = 1e-5
+ARGS = replace(TINY, n_layers=4)  # pp 2: two blocks a stage; interleaved: one a stage
+NAMES = set(Transformer(ARGS).state_dict())
+RUN = ["--seq-len", "32", "--global-batch", "8", "--warmup", "2", "--log-every", "1", "--lr", "3e-3", "--steps", "4",
+       "--save-every", "2"]
+TWO_D = ["--tp", "2"]  # 2 dp x 2 tp
+MESHES = {
+    "pp2xtp2": ["--tp", "2", "--pp", "2", "--pp-microbatches", "2"],
+    "pp2xdp2-interleaved": ["--tp", "1", "--pp", "2", "--pp-schedule", "interleaved", "--virtual-stages", "2",
+                            "--no-pp-fewer-end-layers", "--pp-microbatches", "2"],
+    "cp2xtp2-sp": ["--tp", "2", "--cp", "2", "--sequence-parallel"],
+    # HSDP: parameters sharded over dp_shard x cp, replicated over dp_replicate
+    "cp2xhsdp2": ["--tp", "1", "--cp", "2", "--strategy", "hybrid", "--dp-replicate", "2"],
+}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("converted")
+    return save_checkpoint(Transformer(ARGS).init_weights(seed=5).state_dict(), ARGS, path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Six source files, six documents: windows that cross them test the document masks."""
+    path = tmp_path_factory.mktemp("data")
+    for f in sorted((Path(torch.__file__).parent / "nn" / "modules").glob("*.py"))[:6]:
+        (path / f"{f.stem}.txt").write_text(f.read_text()[:10_000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_d(converted, data, tmp_path_factory) -> Path:
+    """The reference: the whole run on the 2-D mesh, with a validation set."""
+    save_dir = tmp_path_factory.mktemp("two_d")
+    check(torchrun("--checkpoint", converted, "--data", data, "--val-fraction", "0.2", "--eval-every", "2",
+                   "--save-dir", save_dir, *RUN, *TWO_D))
+    return save_dir
+
+
+def same_numbers(expected: list, got: list, what: str, keys=("loss", "grad_norm", "val_loss")) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in expected], what
+    for a, b in zip(expected, got):
+        for key in keys:
+            if key in a:
+                assert abs(a[key] - b[key]) <= TOL, f"{what}, step {a['step']}: {key} {b[key]} vs 2-D {a[key]}"
+
+
+# pp2xtp2 from the start runs in the last resume case below
+@pytest.mark.parametrize("mesh", ["pp2xdp2-interleaved", "cp2xtp2-sp", "cp2xhsdp2"])
+def test_pp_and_cp_runs_log_the_2d_runs_numbers(converted, data, two_d, tmp_path, mesh):
+    check(torchrun("--checkpoint", converted, "--data", data, "--val-fraction", "0.2", "--eval-every", "2",
+                   "--save-dir", tmp_path, *RUN, *MESHES[mesh]))
+    same_numbers(metrics(two_d), metrics(tmp_path), mesh)
+    a, b = final_weights(two_d), final_weights(tmp_path)
+    assert a.keys() == b.keys() == NAMES, "the checkpoint must keep the whole model's names"
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= TOL, f"{mesh}: final weights differ from 2-D by {worst:.3g}"
+
+
+@pytest.mark.parametrize("first, then", [("2d", "pp2xtp2"), ("2d", "cp2xtp2-sp"), ("pp2xtp2", "2d")])
+def test_a_checkpoint_resumes_across_pp_and_cp_and_continues_the_run(converted, data, two_d, tmp_path, first, then):
+    flags = {"2d": TWO_D, **MESHES}
+    common = ("--checkpoint", converted, "--data", data, "--val-fraction", "0.2", "--eval-every", "2", *RUN)
+    check(torchrun(*common, "--save-dir", tmp_path, "--stop-after", 2, *flags[first]))
+    assert [p.name for p in tmp_path.glob("step_*")] == ["step_00000002"]
+    resumed = torchrun(*common, "--save-dir", tmp_path, "--resume", *flags[then])
+    check(resumed)
+    assert "resumed from" in resumed.stdout
+    same_numbers(metrics(two_d), metrics(tmp_path), f"{first} -> {then}")
+    a, b = final_weights(two_d), final_weights(tmp_path)
+    assert a.keys() == b.keys() == NAMES
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= TOL, f"{first} -> {then}: final weights differ from 2-D by {worst:.3g}"
+    shutil.rmtree(tmp_path)
