@@ -1,11 +1,11 @@
 """Training throughput and MFU of train.py on 4 CPU processes.
 
-    python bench/bench_train.py [--steps 5] [--meshes 2x2,4x1,1x4] [--skip-default]
+    python bench/bench_train.py [--steps 5] [--meshes 2x2,4x1,1x4] [--strategy full,grad_op] [--skip-default]
 
 1. the embedded default run (`torchrun --nproc_per_node 4 train.py`, debug model, 2x2);
 2. a larger CPU config: dim 512, 4 layers, 8 heads / 4 kv heads, vocab 8192, seq 512,
    micro-batch 4 per dp rank, fp32, on the meshes given as DPxTP (the global batch is
-   kept equal across meshes: 4 x the 2x2 dp size).
+   kept equal across meshes: 4 x the 2x2 dp size), with each FSDP --strategy given.
 MFU = training FLOPs per token x tokens/s / the machine's fp32 matmul peak, which
 train.py measures on every rank at start-up (the ranks' sum). The first step is
 warm-up and left out; the figure is the median of the others."""
@@ -50,6 +50,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--meshes", default="2x2,4x1,1x4")
+    parser.add_argument("--strategy", default="full", help="train.py --strategy values, comma-separated (default: %(default)s)")
+    parser.add_argument("--flags", default="", help="more train.py flags for the dim-512 runs, e.g. '--no-document-masking'")
     parser.add_argument("--skip-default", action="store_true")
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,10 +61,12 @@ def main():
             print(f"default run (debug, 2x2):    {summary(rows)}")
         ckpt = save_checkpoint(Transformer(LARGE).init_weights(seed=0).state_dict(), LARGE, tmp / "large")
         for mesh in opts.meshes.split(","):
-            dp, tp = map(int, mesh.split("x"))
-            rows = run(tmp / f"large_{mesh}", "--checkpoint", ckpt, "--tp", tp, "--seq-len", 512,
-                       "--global-batch", 8, "--steps", opts.steps, "--warmup", 1, "--lr", "1e-3")
-            print(f"dim 512 / seq 512, {dp}x{tp} (dp x tp): {summary(rows)}")
+            for index, strategy in enumerate(opts.strategy.split(",")):
+                dp, tp = map(int, mesh.split("x"))
+                rows = run(tmp / f"large_{mesh}_{strategy}_{index}", "--checkpoint", ckpt, "--tp", tp, "--seq-len", 512,
+                           "--global-batch", 8, "--steps", opts.steps, "--warmup", 1, "--lr", "1e-3", "--strategy", strategy,
+                           *opts.flags.split())
+                print(f"dim 512 / seq 512, {dp}x{tp} (dp x tp), {strategy:>7}: {summary(rows)}", flush=True)
 
 
 if __name__ == "__main__":
