@@ -15,6 +15,7 @@ import datetime
 import math
 import os
 import resource
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -407,6 +408,14 @@ def measure_peak_tflops(device, seconds: float = 1.0) -> float:
     return 2 * n**3 * count / (time.perf_counter() - start) / 1e12
 
 
+def measure_machine_peak(device, probes: int = 3, seconds: float = 0.5) -> float:
+    """The machine's fp32 matmul TFLOP/s as this job's ranks can use it together: the
+    median of a few probes, each the ranks' sum while all of them measure. One probe can
+    read low (start-up work elsewhere steals the cores for part of it) or high (the ranks'
+    windows start unevenly, so one runs alone for a while); the median drops either."""
+    return statistics.median(_sum_over_ranks(measure_peak_tflops(device, seconds), device) for _ in range(probes))
+
+
 def memory_gb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -522,8 +531,9 @@ def train(opts, parser: Optional[argparse.ArgumentParser] = None) -> int:
             print(line, flush=True)
 
     if peak is None and device.type == "cpu":
-        peak = measure_peak_tflops(device)
-    peak_total = None if peak is None else _sum_over_ranks(peak, device)
+        peak_total = measure_machine_peak(device)
+    else:
+        peak_total = None if peak is None else _sum_over_ranks(peak, device)
     world = dist.get_world_size()
     flops_per_token = args.training_flops_per_token(opts.seq_len)
     tokens_per_step = global_batch * opts.seq_len
