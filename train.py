@@ -44,7 +44,7 @@ from parallel.layers import vocab_parallel_cross_entropy
 from parallel.mesh import (
     batch_mesh, build_mesh, cp_mesh, dp_rank, dp_size, gpus_per_node, init_distributed, local_device, pp_mesh,
     warn_if_tp_crosses_nodes)
-from parallel.pipeline import SCHEDULES, Pipeline, PipelineConfig, build_pipeline, check_pipeline
+from parallel.pipeline import Pipeline, PipelineConfig, add_pipeline_arguments, build_pipeline, check_pipeline
 from parallel.preemption import PREEMPTED_EXIT_CODE, StopRequests, parse_signals, parse_time_limit
 from parallel.train_utils import clip_grad_norm_, sum_over_batch
 
@@ -87,13 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context-parallel size: each sequence is split over this many ranks, which all-gather "
                         "keys and values (default: %(default)s)")
     a.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (default: %(default)s)")
-    a.add_argument("--pp-microbatches", type=int,
-                   help="micro-batches the pipeline cuts each --micro-batch into (default: --pp)")
-    a.add_argument("--pp-schedule", default="1f1b", choices=SCHEDULES,
-                   help="pipeline schedule; interleaved needs --virtual-stages 2 or more (default: %(default)s)")
-    a.add_argument("--virtual-stages", type=int, default=1, help="interleaved schedule: stages per pp rank (default: %(default)s)")
-    a.add_argument("--pp-fewer-end-layers", action=argparse.BooleanOptionalAction, default=True,
-                   help="first and last stages hold one block fewer, for the embedding and the LM head (default: on)")
+    add_pipeline_arguments(a)
     a.add_argument("--activation-checkpointing", default="none", choices=("none", "full", "selective"),
                    help="recompute activations in backward: every block, or every other one (default: %(default)s)")
     a.add_argument("--compile", action="store_true", help="torch.compile each transformer block (default: off)")
@@ -427,16 +421,12 @@ def make_mesh(opts):
     return build_mesh(opts.tp, opts.dp_replicate, hybrid=STRATEGIES[opts.strategy].hybrid, cp=opts.cp, pp=opts.pp)
 
 
-def pipeline_config(opts) -> PipelineConfig:
-    return PipelineConfig(opts.pp_microbatches, opts.pp_schedule, opts.virtual_stages, opts.pp_fewer_end_layers)
-
-
 def check_batch_layout(opts, args: ModelArgs, global_batch: int, dp: int) -> None:
     """The sequence and batch cuts that context and pipeline parallelism make, before any
     work: one line naming the flags."""
     if opts.cp > 1:
         check_cp_divides(opts.seq_len, opts.cp)
-    microbatches = check_pipeline(args, opts.pp, pipeline_config(opts))
+    microbatches = check_pipeline(args, opts.pp, PipelineConfig.from_options(opts))
     rows = global_batch // (dp * opts.grad_accum)
     if opts.pp > 1 and rows % microbatches:
         raise ValueError(
@@ -458,7 +448,7 @@ def build_trainee(source, mesh, opts, init: bool) -> Trainee:
     )
     if pp_mesh(mesh) is None:
         return Trainee(build_parallel_model(source, mesh, **options), cp=cp_mesh(mesh))
-    pipeline = build_pipeline(source, mesh, pipeline_config(opts), **options)
+    pipeline = build_pipeline(source, mesh, PipelineConfig.from_options(opts), **options)
     return Trainee(pipeline.model, pipeline, cp=cp_mesh(mesh))
 
 

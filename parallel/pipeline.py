@@ -19,6 +19,8 @@ tp) position of one stage sends to the same position of the next, one activation
 forward and one gradient back per micro-batch.
 """
 
+import argparse
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -53,6 +55,25 @@ class PipelineConfig:
     schedule: str = "1f1b"
     virtual_stages: int = 1
     fewer_end_layers: bool = True
+
+    @classmethod
+    def from_options(cls, opts: argparse.Namespace) -> "PipelineConfig":
+        """From the flags `add_pipeline_arguments` defines."""
+        return cls(opts.pp_microbatches, opts.pp_schedule, opts.virtual_stages, opts.pp_fewer_end_layers)
+
+
+def add_pipeline_arguments(group) -> None:
+    """The pipeline's flags, one definition for train.py and the planner."""
+    group.add_argument("--pp-microbatches", type=int, default=None,
+                       help="pipeline micro-batches per run of the schedule (default: --pp, the fewest 1F1B takes)")
+    group.add_argument("--pp-schedule", default="1f1b", choices=SCHEDULES,
+                       help="torch.distributed.pipelining schedule: 1F1B, or interleaved 1F1B with --virtual-stages "
+                            "(default: %(default)s)")
+    group.add_argument("--virtual-stages", type=int, default=1,
+                       help="stages per pp rank for --pp-schedule interleaved (default: %(default)s)")
+    group.add_argument("--pp-fewer-end-layers", action=argparse.BooleanOptionalAction, default=True,
+                       help="first and last stages hold one block fewer, for the embedding and the LM head, as in "
+                            "Llama 3 (default: on)")
 
 
 def stage_layer_counts(n_layers: int, stages: int, fewer_end_layers: bool = True) -> list:
@@ -204,11 +225,19 @@ class Pipeline:
     parts: list
     schedule: object
     loss: PipelineLoss
-    first: bool  # holds stage 0: feeds the tokens
-    last: bool  # holds the last stage: computes the loss
     microbatches: int
 
     @property
+    def first(self) -> bool:
+        """Holds stage 0: feeds the tokens."""
+        return self.parts[0].first
+
+    @property
+    def last(self) -> bool:
+        """Holds the last stage: computes the loss."""
+        return self.parts[-1].last
+
+    @functools.cached_property
     def model(self) -> RankStages:
         return RankStages(self.parts)
 
@@ -286,4 +315,4 @@ def build_pipeline(
         schedule = ScheduleInterleaved1F1B(stages, microbatches, loss_fn=loss, scale_grads=False)
     else:
         schedule = Schedule1F1B(stages[0], microbatches, loss_fn=loss, scale_grads=False)
-    return Pipeline(parts, schedule, loss, first=pp_rank == 0, last=pp_rank == pp - 1, microbatches=microbatches)
+    return Pipeline(parts, schedule, loss, microbatches)

@@ -66,7 +66,7 @@ from llama.config import PRESETS, ModelArgs
 from .fsdp import STRATEGIES, build_parallel_model, checkpointed_blocks, fsdp_groups, get_strategy
 from .layers import CROSS_ENTROPY_CHUNK_BYTES
 from .mesh import build_mesh, dp_mesh, is_hybrid, mesh_shape
-from .pipeline import SCHEDULES, PipelineConfig, check_pipeline, stage_layer_counts
+from .pipeline import PipelineConfig, add_pipeline_arguments, check_pipeline, stage_layer_counts
 
 GIB = 2**30
 MIB = 2**20
@@ -349,15 +349,8 @@ def pipeline_bubble(pp: int, microbatches: int, virtual_stages: int = 1) -> floa
 def check_layout(args: ModelArgs, world_size: int, tp: int, cfg: StepConfig, layout: Layout) -> int:
     """The data-parallel size (ranks that see different sequences), after checking the
     4-D shape; each problem is one line naming the flag."""
-    mesh_shape(world_size, tp)  # tp first, with the 2-D message
     pp, cp, pipeline = layout.pp, layout.cp, layout.pipeline
-    if pp < 1 or cp < 1:
-        raise ValueError(f"--pp {pp} and --cp {cp} must be at least 1")
-    if world_size % (pp * cp * tp):
-        raise ValueError(
-            f"--pp {pp} x --cp {cp} x --tp {tp} = {pp * cp * tp} must divide the world size {world_size} "
-            "(nodes x processes per node)"
-        )
+    mesh_shape(world_size, tp, cp=cp, pp=pp)  # the mesh train.py would build: same checks, same messages
     if cp > 1 and cfg.seq_len % (2 * cp):
         raise ValueError(
             f"--seq-len {cfg.seq_len} must be a multiple of 2 x --cp = {2 * cp}: context parallelism "
@@ -1107,9 +1100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="processes per machine; groups within one use NVLink in the estimate (default: %(default)s)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: --gpus-per-node)")
     p.add_argument("--pp", type=int, default=1,
-        help="pipeline-parallel stages, the outermost mesh dimension; planned, train.py does not run it yet (default: %(default)s)")
+        help="pipeline-parallel stages, the outermost mesh dimension, as train.py --pp (default: %(default)s)")
     p.add_argument("--cp", type=int, default=1,
-        help="context-parallel size, between dp and tp; planned, train.py does not run it yet (default: %(default)s)")
+        help="context-parallel size, between dp and tp, as train.py --cp (default: %(default)s)")
     p.add_argument("--dp-replicate", type=int, default=None,
         help="HSDP replica groups (default: 2 when dp is even, else 1)")
     p.add_argument("--seq-len", type=int, default=d["seq_len"], help="tokens per sequence (default: %(default)s, as train.py)")
@@ -1117,14 +1110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="sequences per dp rank per micro-step, or per pipeline micro-batch (default: %(default)s, as train.py)")
     p.add_argument("--grad-accum", type=int, default=d["grad_accum"],
         help="micro-steps per optimizer step; with --pp, runs of the whole schedule (default: %(default)s)")
-    p.add_argument("--pp-microbatches", type=int, default=None,
-        help="pipeline micro-batches per optimizer step (default: --pp, the fewest 1F1B takes)")
-    p.add_argument("--pp-schedule", default="1f1b", choices=list(SCHEDULES),
-        help="torch.distributed.pipelining schedule: 1F1B, or interleaved 1F1B with --virtual-stages (default: %(default)s)")
-    p.add_argument("--virtual-stages", type=int, default=1,
-        help="stages per pp rank for --pp-schedule interleaved (default: %(default)s)")
-    p.add_argument("--pp-fewer-end-layers", action=argparse.BooleanOptionalAction, default=True,
-        help="first and last stages hold one layer fewer, as in Llama 3 (default: on)")
+    add_pipeline_arguments(p)
     p.add_argument("--strategy", default=d["strategy"],
         help=f"the one --json reports at top level: {', '.join(STRATEGIES)} (default: %(default)s)")
     p.add_argument("--dtype", "--mixed-precision", dest="mixed_precision", default=d["mixed_precision"],
@@ -1173,7 +1159,7 @@ def main(argv=None) -> int:
         layout = Layout(
             pp=opts.pp,
             cp=opts.cp,
-            pipeline=PipelineConfig(opts.pp_microbatches, opts.pp_schedule, opts.virtual_stages, opts.pp_fewer_end_layers),
+            pipeline=PipelineConfig.from_options(opts),
             hardware=Hardware(opts.peak_tflops, opts.compute_efficiency, opts.gpus_per_node),
         )
         args = PRESETS[opts.model]
