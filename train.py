@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument_group("batch")
     a.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: %(default)s)")
     a.add_argument("--micro-batch", type=int, default=4,
-                   help="sequences per dp rank per micro-step; with --pp, the pipeline's batch (default: %(default)s)")
-    a.add_argument("--global-batch", type=int, help="sequences per optimizer step; overrides --micro-batch (default: micro-batch x dp x grad-accum)")
+                   help="sequences per dp rank per micro-step; with --pp, per pipeline micro-batch (default: %(default)s)")
+    a.add_argument("--global-batch", type=int, help="sequences per optimizer step; overrides --micro-batch "
+                                                   "(default: micro-batch x dp x grad-accum, x pp-microbatches with --pp)")
     a.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default: %(default)s)")
     a = p.add_argument_group("optimisation")
     a.add_argument("--steps", type=int, default=150, help="optimizer steps of the whole run, which set the schedule (default: %(default)s)")
@@ -421,19 +422,24 @@ def make_mesh(opts):
     return build_mesh(opts.tp, opts.dp_replicate, hybrid=STRATEGIES[opts.strategy].hybrid, cp=opts.cp, pp=opts.pp)
 
 
-def check_batch_layout(opts, args: ModelArgs, global_batch: int, dp: int) -> None:
-    """The sequence and batch cuts that context and pipeline parallelism make, before any
-    work: one line naming the flags."""
+def batch_layout(opts, args: ModelArgs, dp: int) -> int:
+    """The global batch, after checking the sequence and batch cuts that context and
+    pipeline parallelism make, before any work: one line naming the flags. As in the
+    planner, --micro-batch is the sequences of one forward: of one pipeline micro-batch
+    under --pp, so that a dp rank runs micro-batch x --pp-microbatches sequences through
+    the schedule per micro-step."""
     if opts.cp > 1:
         check_cp_divides(opts.seq_len, opts.cp)
     microbatches = check_pipeline(args, opts.pp, PipelineConfig.from_options(opts))
+    global_batch = opts.global_batch or opts.micro_batch * microbatches * dp * opts.grad_accum
     rows = global_batch // (dp * opts.grad_accum)
     if opts.pp > 1 and rows % microbatches:
         raise ValueError(
-            f"each dp rank's micro-batch of {rows} sequences (--micro-batch, or --global-batch / (dp {dp} x "
-            f"--grad-accum {opts.grad_accum})) must be divisible by --pp-microbatches {microbatches}: the pipeline "
-            "cuts it into that many"
+            f"each dp rank's {rows} sequences per micro-step (--global-batch / (dp {dp} x --grad-accum "
+            f"{opts.grad_accum})) must be divisible by --pp-microbatches {microbatches}: the pipeline cuts them "
+            "into that many"
         )
+    return global_batch
 
 
 def build_trainee(source, mesh, opts, init: bool) -> Trainee:
@@ -484,8 +490,7 @@ def train(opts, parser: Optional[argparse.ArgumentParser] = None) -> int:
     tokenizer = load_tokenizer(opts.tokenizer)
     if tokenizer.vocab_size > args.vocab_size:
         raise ValueError(f"--tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is {args.vocab_size}")
-    global_batch = opts.global_batch or opts.micro_batch * dp_size(mesh) * opts.grad_accum
-    check_batch_layout(opts, args, global_batch, dp_size(mesh))
+    global_batch = batch_layout(opts, args, dp_size(mesh))
 
     data = build_data(opts, tokenizer, mesh, global_batch, args.vocab_size)
     loader, validation = data.loader, data.validation

@@ -259,7 +259,7 @@ class Pipeline:
         if rows % self.microbatches:
             raise ValueError(
                 f"the pipeline cuts each batch into --pp-microbatches {self.microbatches}, but this rank's batch "
-                f"has {rows} rows; use a --micro-batch divisible by {self.microbatches}"
+                f"has {rows} rows; give each dp rank a multiple of {self.microbatches} rows"
             )
         kwargs = {} if document_ids is None else {"document_ids": document_ids}
         args = (inputs,) if self.first else ()
