@@ -42,8 +42,8 @@ from parallel.context import check_cp_divides, split_for_cp
 from parallel.fsdp import STRATEGIES, build_parallel_model
 from parallel.layers import vocab_parallel_cross_entropy
 from parallel.mesh import (
-    batch_mesh, build_mesh, cp_mesh, dp_rank, dp_size, gpus_per_node, init_distributed, local_device, pp_mesh,
-    warn_if_tp_crosses_nodes)
+    batch_mesh, build_mesh, cp_mesh, dp_rank, dp_size, exit_without_teardown, gpus_per_node, init_distributed,
+    local_device, pp_mesh, warn_if_tp_crosses_nodes)
 from parallel.pipeline import Pipeline, PipelineConfig, add_pipeline_arguments, build_pipeline, check_pipeline
 from parallel.preemption import PREEMPTED_EXIT_CODE, StopRequests, parse_signals, parse_time_limit
 from parallel.train_utils import clip_grad_norm_, sum_over_batch
@@ -705,4 +705,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())

@@ -331,4 +331,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from parallel.mesh import exit_without_teardown
+
+    exit_without_teardown(main())

@@ -14,8 +14,9 @@ all ranks with the same message instead of a hang."""
 
 import datetime
 import os
+import sys
 import warnings
-from typing import Optional
+from typing import NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -97,6 +98,19 @@ def init_distributed(timeout: Optional[datetime.timedelta] = None) -> None:
         world_size=world_size,
         **options,
     )
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """End a torchrun worker with `code` once its work is done, skipping the interpreter's
+    teardown. A gloo worker thread may drop the last reference to a finished collective's
+    tensors a moment after the main thread has moved on; if that happens while the
+    interpreter is shutting down, the thread cannot take the GIL, glibc unwinds it, and the
+    process aborts ("terminate called without an active exception", pytorch/pytorch#38228)
+    after a run that succeeded. multiprocessing ends its children the same way. The caller
+    closes its files and joins its threads first: nothing else runs after this."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def default_tp(world_size: Optional[int] = None) -> int:

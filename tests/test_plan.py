@@ -282,9 +282,19 @@ def _train_step(args, mesh, cfg) -> dict:
     return rss
 
 
+def _own_mappings_for_large_blocks() -> None:
+    """Every block of 64 KiB or more gets a mapping of its own, returned whole when freed.
+    glibc's default raises that threshold as large blocks are freed, after which state
+    tensors land in the heap among small live blocks, and freeing them hands back only
+    the pages that nothing else touches (12% short of the AdamW term, now and then)."""
+    M_MMAP_THRESHOLD = -3
+    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 << 10)  # a fixed value also stops the raising
+
+
 def _measure_memory_terms(args, cfg):
     from parallel.mesh import build_mesh
 
+    _own_mappings_for_large_blocks()
     mesh = build_mesh(tp=2, device="cpu")
     # a throwaway step first: thread pools, gloo buffers and lazily loaded code would
     # otherwise land in the first readings
