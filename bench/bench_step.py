@@ -1,16 +1,19 @@
 """Training-step efficiency of the plain loop on 4 CPU processes (gloo), 2x2 mesh.
 
     PYTHONPATH=. python bench/bench_step.py [--steps 6] [--sequence-parallel on,off] [--strategy full,grad_op]
-                                            [--adamw default,fused] [--compile off,on] [--top 30]
+                                            [--adamw default,fused] [--compile off,on] [--attention runs,square]
+                                            [--top 30]
 
 The 2x2 CPU config of DEVELOPERS.md: dim 512, 4 layers, 8 heads / 4 kv heads, vocab
 8192, seq 512, micro-batch 4 per dp rank, fp32. One step = model, vocab-parallel loss,
 backward, AdamW with its defaults (or fused, train.py's choice on CPU), with train.py's
 host-memory setting (`keep_freed_host_memory`), eager or with each block compiled
-(train.py --compile; the compilation runs in the warm-up steps). MFU = training FLOPs per token x tokens/s
+(train.py --compile; the compilation runs in the warm-up steps), and causal attention in
+runs of queries over key prefixes (the model's CPU path, llama/masks.py) or as one SDPA
+is_causal call over the whole square. MFU = training FLOPs per token x tokens/s
 / the machine's fp32 matmul peak, measured in the same run: each round starts with a
 0.5 s probe on every rank at once (train.py's `measure_peak_tflops`; the ranks' sum),
-then runs every variant (sequence parallelism x FSDP strategy x AdamW x compile) for
+then runs every variant (sequence parallelism x FSDP strategy x AdamW x compile x attention) for
 `--consecutive` steps in a row, so that drift of the machine's speed hits the peak and
 all variants alike. Figures are medians over the rounds, with the range. Then one step of
 the fastest variant runs under torch.profiler on rank 0, and its self CPU time is split
@@ -30,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.distributed as dist
 
+import llama.masks as masks
 from llama import ModelArgs
 from parallel.fsdp import build_parallel_model
 from parallel.layers import vocab_parallel_cross_entropy
@@ -77,24 +81,26 @@ def breakdown(prof) -> tuple[dict, dict]:
 def _bench(opts) -> dict:
     keep_freed_host_memory()  # as train.py does on CPU
     mesh = build_mesh(2)
-    variants = list(itertools.product(opts.sequence_parallel, opts.strategy, opts.adamw, opts.compile))
+    variants = list(itertools.product(opts.sequence_parallel, opts.strategy, opts.adamw, opts.compile, opts.attention))
+    query_run = {"runs": masks.QUERY_RUN, "square": 10**9}  # one run longer than the sequence: is_causal
     gen = torch.Generator().manual_seed(dp_rank(mesh))
     tokens = torch.randint(0, ARGS.vocab_size, (opts.micro_batch, opts.seq_len + 1), generator=gen)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     global_tokens = opts.micro_batch * opts.seq_len * dp_size(mesh)
 
     steps = {}
-    for sp, strategy, adamw, compiled in variants:
+    for sp, strategy, adamw, compiled, attention in variants:
         model = build_parallel_model(ARGS, mesh, strategy=strategy, sequence_parallel=sp == "on", compile=compiled == "on")
         opt = torch.optim.AdamW(model.parameters(), **({"fused": True} if adamw == "fused" else {}))
 
-        def step(model=model, opt=opt):
+        def step(model=model, opt=opt, run=query_run[attention]):
+            masks.QUERY_RUN = run
             logits = model(inputs)
             (vocab_parallel_cross_entropy(logits, targets, reduction="sum") / global_tokens).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        steps[(sp, strategy, adamw, compiled)] = step
+        steps[(sp, strategy, adamw, compiled, attention)] = step
         step(), step()  # warm-up
 
     # The machine's speed drifts (a shared VM): a peak probe of 0.5 s on every rank at once
@@ -136,6 +142,8 @@ def main():
                         "CPU) or both: default,fused (default: %(default)s)")
     parser.add_argument("--compile", default="off", help="off, on (each block torch.compiled, as train.py --compile) "
                         "or both: off,on (default: %(default)s)")
+    parser.add_argument("--attention", default="runs", help="runs (the model's CPU path), square (one is_causal "
+                        "call) or both: runs,square (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
     parser.add_argument("--top", type=int, default=0, help="also list the profile's N most costly ops")
     opts = parser.parse_args()
@@ -143,6 +151,7 @@ def main():
     opts.strategy = opts.strategy.split(",")
     opts.adamw = opts.adamw.split(",")
     opts.compile = opts.compile.split(",")
+    opts.attention = opts.attention.split(",")
 
     from parallel.spawn import run_on_ranks
 
@@ -152,13 +161,15 @@ def main():
     peak = result["peak"]
     print(f"fp32 matmul peak (4 ranks, same run): {peak:.3f} TFLOP/s, median of {opts.steps} probes "
           f"({result['peaks'][0]:.3f}-{result['peaks'][1]:.3f})")
-    for (sp, strategy, adamw, compiled), seconds in result["medians"].items():
+    for (sp, strategy, adamw, compiled, attention), seconds in result["medians"].items():
         mfu = flops * tokens / seconds / (peak * 1e12)
-        low, high = result["spread"][(sp, strategy, adamw, compiled)]
-        print(f"sp {sp:3s} fsdp {strategy:8s} adamw {adamw:7s} compile {compiled:3s} {1000 * seconds:7.0f} ms/step ({1000 * low:.0f}-{1000 * high:.0f})"
+        low, high = result["spread"][(sp, strategy, adamw, compiled, attention)]
+        print(f"sp {sp:3s} fsdp {strategy:8s} adamw {adamw:7s} compile {compiled:3s} attention {attention:6s} "
+              f"{1000 * seconds:7.0f} ms/step ({1000 * low:.0f}-{1000 * high:.0f})"
               f"  {tokens / seconds:6.0f} tok/s  MFU {100 * mfu:5.1f}%")
     fastest = min(result["medians"], key=result["medians"].get)
-    print(f"fastest: sequence parallel {fastest[0]}, FSDP {fastest[1]}, AdamW {fastest[2]}, compile {fastest[3]}")
+    print(f"fastest: sequence parallel {fastest[0]}, FSDP {fastest[1]}, AdamW {fastest[2]}, compile {fastest[3]}, "
+          f"attention {fastest[4]}")
     totals, others, ops = result["profile"]
     total = sum(totals.values())
     print(f"profile of one step, rank 0 (self CPU time, {total:.0f} ms):")

@@ -38,8 +38,8 @@ from parallel.layers import (
 
 from .config import ModelArgs
 from .masks import (
-    DocumentMask, check_document_ids, context_parallel_mask, document_mask, document_positions, gqa_needs_expanded_kv,
-    masked_attention)
+    DocumentMask, causal_mask, check_document_ids, context_parallel_mask, document_mask, document_positions,
+    gqa_needs_expanded_kv, masked_attention)
 from .norm import rms_norm
 from .rope import apply_rope, rope_table
 
@@ -267,11 +267,11 @@ class Transformer(nn.Module):
 
     def block_inputs(self, seqlen: int, device, start_pos: int = 0, document_ids: Optional[torch.Tensor] = None):
         """What every block reads besides the residual stream: the RoPE rows (cos, sin) of
-        this rank's `seqlen` positions, and the attention mask (None: plain causal)."""
+        this rank's `seqlen` positions, and the attention mask (None: SDPA's is_causal)."""
         if self.cp_mesh is not None:
             return self.context_parallel_inputs(seqlen, device, document_ids)
-        if document_ids is None:
-            return (*self.rope(seqlen, device, start_pos), None)
+        if document_ids is None:  # a KV-cache step past the prompt masks by its own offset
+            return (*self.rope(seqlen, device, start_pos), causal_mask(seqlen, device) if start_pos == 0 else None)
         return (*self.rope_at(document_positions(document_ids)), document_mask(document_ids, self.attention_kernel))
 
     def context_parallel_inputs(self, seqlen: int, device, document_ids: Optional[torch.Tensor]):

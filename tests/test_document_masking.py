@@ -131,6 +131,38 @@ def test_one_document_per_row_equals_no_document_ids():
     assert (plain - masked).abs().max().item() <= TOL
 
 
+def test_attention_in_runs_of_queries_equals_one_call_over_the_whole_square(monkeypatch):
+    """CPU attention in runs of queries, each scored against the keys up to its last query
+    (llama/masks.py; runs of 128, here of 5 so that a 16-token row has four, the last of
+    one query): plain causal logits and gradients equal one is_causal call, and packed rows
+    still equal their documents alone, each run in one call; 1e-5."""
+    import llama.masks as masks
+
+    tokens, targets, _ = packed_batch()
+
+    def causal_run():
+        model = Transformer(ARGS).init_weights(seed=3)
+        logits = model(tokens)
+        vocab_parallel_cross_entropy(logits, targets, reduction="sum").backward()
+        return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    monkeypatch.setattr(masks, "QUERY_RUN", 10**6)
+    assert masks.causal_mask(SEQ, "cpu") is None
+    one_call, alone = causal_run(), documents_alone()
+
+    monkeypatch.setattr(masks, "QUERY_RUN", 5)
+    assert masks.causal_mask(SEQ, "cpu").key_prefixes == ((5, 5), (5, 10), (5, 15), (1, 16))
+    in_runs = causal_run()
+    assert (in_runs[0] - one_call[0]).abs().max().item() <= TOL
+    assert max((in_runs[1][n] - g).abs().max().item() for n, g in one_call[1].items()) <= TOL
+
+    model = Transformer(ARGS).init_weights(seed=3)
+    result = compare_packed(model, alone, range(len(ROWS)))
+    assert result["logits"] <= TOL, f"packed logits in runs differ from the documents alone by {result['logits']:.3g}"
+    worst, complete = grad_diff(model, alone["grads"])
+    assert complete and worst <= TOL, f"a gradient differs by {worst:.3g}"
+
+
 def test_bad_document_ids_get_one_clear_line():
     tokens, _, ids = packed_batch()
     model = Transformer(ARGS).init_weights(seed=3)

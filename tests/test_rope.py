@@ -129,3 +129,22 @@ def test_a_transformer_block_compiles_without_graph_breaks(per_token):
     explained = torch._dynamo.explain(block)(torch.randn(2, 16, ARGS.dim), cos, sin)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
+
+
+def test_a_block_attending_in_runs_of_queries_compiles_without_graph_breaks(monkeypatch):
+    """The CPU attention path (llama/masks.py causal_mask: runs of queries over key
+    prefixes, here runs of 5 in 16 tokens) traces into one graph too."""
+    import llama.masks as masks
+
+    monkeypatch.setattr(masks, "QUERY_RUN", 5)
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    block = TransformerBlock(0, ARGS)
+    for param in block.parameters():
+        torch.nn.init.normal_(param, std=0.02)
+    cos, sin = rope_table(ARGS, 16)
+    mask = masks.causal_mask(16, "cpu")
+    assert len(mask.key_prefixes) == 4
+    explained = torch._dynamo.explain(block)(torch.randn(2, 16, ARGS.dim), cos, sin, 0, None, mask)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
