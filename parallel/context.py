@@ -35,10 +35,11 @@ def cp_rank(mesh: Optional[DeviceMesh]) -> int:
 
 
 def check_cp_divides(seq_len: int, cp: int) -> None:
+    """The one check of the sequence length under cp, for train.py, the planner and the split."""
     if seq_len % (2 * cp):
         raise ValueError(
-            f"context parallelism cuts the sequence into 2 x cp = {2 * cp} equal chunks, but the sequence "
-            f"length {seq_len} is not divisible by {2 * cp}; pick a --seq-len that is a multiple of {2 * cp}"
+            f"--seq-len {seq_len} must be a multiple of 2 x --cp = {2 * cp}: context parallelism "
+            "splits each sequence into 2 x cp chunks, rank r taking chunks r and 2cp-1-r"
         )
 
 

@@ -63,6 +63,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from llama.config import PRESETS, ModelArgs
 
+from .context import check_cp_divides
 from .fsdp import STRATEGIES, build_parallel_model, checkpointed_blocks, fsdp_groups, get_strategy
 from .layers import CROSS_ENTROPY_CHUNK_BYTES
 from .mesh import build_mesh, dp_mesh, is_hybrid, mesh_shape
@@ -351,11 +352,7 @@ def check_layout(args: ModelArgs, world_size: int, tp: int, cfg: StepConfig, lay
     4-D shape; each problem is one line naming the flag."""
     pp, cp, pipeline = layout.pp, layout.cp, layout.pipeline
     mesh_shape(world_size, tp, cp=cp, pp=pp)  # the mesh train.py would build: same checks, same messages
-    if cp > 1 and cfg.seq_len % (2 * cp):
-        raise ValueError(
-            f"--seq-len {cfg.seq_len} must be a multiple of 2 x --cp = {2 * cp}: context parallelism "
-            "splits each sequence into 2 x cp chunks, rank r taking chunks r and 2cp-1-r"
-        )
+    check_cp_divides(cfg.seq_len, cp)
     check_pipeline(args, pp, pipeline)
     return world_size // (pp * cp * tp)
 

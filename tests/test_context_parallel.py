@@ -61,7 +61,7 @@ def test_rank_r_holds_chunks_r_and_its_mirror_and_gathering_restores_the_sequenc
             assert torch.equal(part, expected), f"cp {cp} rank {r} holds the wrong chunks"
             assert torch.equal(positions_for_rank(SEQ, cp, r), expected[0, :, 0] // 2)
         assert torch.equal(restore_order(torch.cat(parts, 1), cp), x), f"cp {cp}: split then gather is not the identity"
-    with pytest.raises(ValueError, match="not divisible by 8"):
+    with pytest.raises(ValueError, match="must be a multiple of 2 x --cp = 8"):
         check_cp_divides(12, 4)
 
 
