@@ -217,7 +217,6 @@ class Trainee:
         return loss, (batch.targets != -100).sum()
 
 
-
 def train_step(trainee: Trainee, optimizer, loader: DistributedDataLoader, device, clip: float, poison: bool = False):
     """One optimizer step over the loader's next global batch. Returns this rank's share of
     the step's mean loss (the shares add up over pp, dp and cp ranks), the gradient norm,
@@ -428,8 +427,7 @@ def batch_layout(opts, args: ModelArgs, dp: int) -> int:
     planner, --micro-batch is the sequences of one forward: of one pipeline micro-batch
     under --pp, so that a dp rank runs micro-batch x --pp-microbatches sequences through
     the schedule per micro-step."""
-    if opts.cp > 1:
-        check_cp_divides(opts.seq_len, opts.cp)
+    check_cp_divides(opts.seq_len, opts.cp)
     microbatches = check_pipeline(args, opts.pp, PipelineConfig.from_options(opts))
     global_batch = opts.global_batch or opts.micro_batch * microbatches * dp * opts.grad_accum
     rows = global_batch // (dp * opts.grad_accum)

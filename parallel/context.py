@@ -35,8 +35,9 @@ def cp_rank(mesh: Optional[DeviceMesh]) -> int:
 
 
 def check_cp_divides(seq_len: int, cp: int) -> None:
-    """The one check of the sequence length under cp, for train.py, the planner and the split."""
-    if seq_len % (2 * cp):
+    """The one check of the sequence length under cp, for train.py, the planner and the
+    split; at cp 1 nothing is cut, so any length will do."""
+    if cp > 1 and seq_len % (2 * cp):
         raise ValueError(
             f"--seq-len {seq_len} must be a multiple of 2 x --cp = {2 * cp}: context parallelism "
             "splits each sequence into 2 x cp chunks, rank r taking chunks r and 2cp-1-r"

@@ -63,6 +63,7 @@ def test_rank_r_holds_chunks_r_and_its_mirror_and_gathering_restores_the_sequenc
         assert torch.equal(restore_order(torch.cat(parts, 1), cp), x), f"cp {cp}: split then gather is not the identity"
     with pytest.raises(ValueError, match="must be a multiple of 2 x --cp = 8"):
         check_cp_divides(12, 4)
+    check_cp_divides(7, 1)  # cp 1 cuts nothing: any length
 
 
 def test_causal_work_is_even_across_cp_ranks():
