@@ -115,18 +115,23 @@ def test_compiled_rope_matches_eager_in_one_graph_forward_and_backward():
     torch.testing.assert_close(grad, want_grad, rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("per_token", [False, True], ids=["shared-positions", "per-document-positions"])
-def test_a_transformer_block_compiles_without_graph_breaks(per_token):
+def explain_a_block(cos, sin, *rest):
+    """torch._dynamo.explain of one randomly initialised block on a (2, 16) batch."""
     torch._dynamo.reset()
     torch.manual_seed(5)
     block = TransformerBlock(0, ARGS)
     for param in block.parameters():
         torch.nn.init.normal_(param, std=0.02)
+    return torch._dynamo.explain(block)(torch.randn(2, 16, ARGS.dim), cos, sin, *rest)
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["shared-positions", "per-document-positions"])
+def test_a_transformer_block_compiles_without_graph_breaks(per_token):
     cos, sin = rope_table(ARGS, 16)
     if per_token:
         positions = torch.tensor([list(range(9)) + list(range(7))] * 2)
         cos, sin = cos[positions], sin[positions]
-    explained = torch._dynamo.explain(block)(torch.randn(2, 16, ARGS.dim), cos, sin)
+    explained = explain_a_block(cos, sin)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
 
@@ -137,14 +142,8 @@ def test_a_block_attending_in_runs_of_queries_compiles_without_graph_breaks(monk
     import llama.masks as masks
 
     monkeypatch.setattr(masks, "QUERY_RUN", 5)
-    torch._dynamo.reset()
-    torch.manual_seed(5)
-    block = TransformerBlock(0, ARGS)
-    for param in block.parameters():
-        torch.nn.init.normal_(param, std=0.02)
-    cos, sin = rope_table(ARGS, 16)
     mask = masks.causal_mask(16, "cpu")
     assert len(mask.key_prefixes) == 4
-    explained = torch._dynamo.explain(block)(torch.randn(2, 16, ARGS.dim), cos, sin, 0, None, mask)
+    explained = explain_a_block(*rope_table(ARGS, 16), 0, None, mask)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
