@@ -22,8 +22,9 @@ data-parallel ranks and sums them.
 from typing import Optional
 
 import torch
-import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
+
+from parallel.compat import all_gather_along, reduce_scatter_along
 
 
 def cp_size(mesh: Optional[DeviceMesh]) -> int:
@@ -103,11 +104,11 @@ class _AllGatherSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, mesh):
         ctx.dim, ctx.mesh = dim, mesh
-        return funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), dim, mesh))
+        return all_gather_along(x, dim, mesh)
 
     @staticmethod
     def backward(ctx, grad):
-        return funcol.wait_tensor(funcol.reduce_scatter_single(grad.contiguous(), "sum", ctx.dim, ctx.mesh)), None, None
+        return reduce_scatter_along(grad, ctx.dim, ctx.mesh), None, None
 
 
 def gather_for_cp(x: torch.Tensor, cp_mesh: Optional[DeviceMesh], dim: int = 1) -> torch.Tensor:
@@ -118,7 +119,7 @@ def gather_for_cp(x: torch.Tensor, cp_mesh: Optional[DeviceMesh], dim: int = 1) 
         return x
     if not x.requires_grad:
         # ids and positions: a plain all-gather, no autograd node
-        gathered = funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), dim, cp_mesh))
+        gathered = all_gather_along(x, dim, cp_mesh)
     else:
         gathered = _AllGatherSequence.apply(x, dim, cp_mesh)
     return restore_order(gathered, cp, dim)

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from parallel.compat import all_gather_along, all_reduce_sum, reduce_scatter_along
 
 SEQ_DIM = 1  # activations are (batch, seq, features)
 
@@ -35,16 +36,8 @@ def tp_rank(mesh: Optional[DeviceMesh]) -> int:
 # ---------------------------------------------------------------- collectives
 
 
-def _all_reduce(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
-    return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", mesh))
-
-
-def _all_gather(x: torch.Tensor, dim: int, mesh: DeviceMesh) -> torch.Tensor:
-    return funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), dim, mesh))
-
-
-def _reduce_scatter(x: torch.Tensor, dim: int, mesh: DeviceMesh) -> torch.Tensor:
-    return funcol.wait_tensor(funcol.reduce_scatter_single(x.contiguous(), "sum", dim, mesh))
+# The collectives themselves are parallel/compat.py's: torch's names for them differ
+# between the versions we admit.
 
 
 class _CopyToRegion(torch.autograd.Function):
@@ -55,13 +48,13 @@ class _CopyToRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad, ctx.mesh), None
+        return all_reduce_sum(grad, ctx.mesh), None
 
 
 class _ReduceFromRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mesh):
-        return _all_reduce(x, mesh)
+        return all_reduce_sum(x, mesh)
 
     @staticmethod
     def backward(ctx, grad):
@@ -72,22 +65,22 @@ class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mesh):
         ctx.mesh = mesh
-        return _all_gather(x, SEQ_DIM, mesh)
+        return all_gather_along(x, SEQ_DIM, mesh)
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter(grad, SEQ_DIM, ctx.mesh), None
+        return reduce_scatter_along(grad, SEQ_DIM, ctx.mesh), None
 
 
 class _ScatterSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mesh):
         ctx.mesh = mesh
-        return _reduce_scatter(x, SEQ_DIM, mesh)
+        return reduce_scatter_along(x, SEQ_DIM, mesh)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, SEQ_DIM, ctx.mesh), None
+        return all_gather_along(grad, SEQ_DIM, ctx.mesh), None
 
 
 def _leave_region(x: torch.Tensor, mesh: Optional[DeviceMesh], sequence_parallel: bool) -> torch.Tensor:
@@ -166,7 +159,7 @@ def reduce_partial_gradients(module: nn.Module) -> int:
             by_mesh.setdefault(grad.device_mesh, []).append(param)
     for mesh, params in by_mesh.items():
         locals_ = [p.grad.to_local() for p in params]
-        flat = _all_reduce(torch.cat([g.reshape(-1) for g in locals_]), mesh) if mesh.size() > 1 else None
+        flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in locals_]), mesh) if mesh.size() > 1 else None
         offset = 0
         for param, g in zip(params, locals_):
             summed = g if flat is None else flat[offset : offset + g.numel()].view_as(g)
@@ -350,7 +343,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         target_logit = x.gather(-1, ids.unsqueeze(-1)).squeeze(-1) * owned
         stats = torch.stack([local_lse, target_logit]).unsqueeze(0)  # (1, 2, tokens)
         if tp_size(mesh) > 1:
-            stats = _all_gather(stats, 0, mesh)
+            stats = all_gather_along(stats, 0, mesh)
         lse = torch.logsumexp(stats[:, 0], dim=0)
         valid = targets != ignore_index
         losses = (lse - stats[:, 1].sum(0)) * valid
