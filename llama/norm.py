@@ -15,7 +15,9 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         rstd = torch.rsqrt(torch.linalg.vecdot(x, x).div_(x.shape[-1]).add_(eps)).unsqueeze(-1)
         ctx.save_for_backward(x, weight, rstd)
-        return (x * rstd).mul_(weight)
+        # out of place: torch 2.11's inductor mis-compiles an in-place product returned by
+        # a Function's forward (`(x * rstd).mul_(weight)`): gradients off by O(1), no error
+        return x * rstd * weight
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -9,6 +9,10 @@ version itself.
   rename of pytorch#186125 (2026-06). torch 2.11 has only `all_gather_tensor` /
   `reduce_scatter_tensor`, which later versions keep as deprecated aliases. The ops
   underneath (`_c10d_functional.*`) are the same, so the choice is made once, here.
+- Pipeline evaluation: before torch 2.13 a stage decides once, at its first run, whether
+  the activations it receives require grad. A schedule's first run being `eval` (train.py
+  evaluates at step 0) left them without, and the first training step then failed in the
+  backward send ("has gradients None"). `pipeline_eval` gives them back their grad.
 
 This module is on the ground floor: it imports nothing of ours.
 """
@@ -43,3 +47,17 @@ def all_gather_along(x: torch.Tensor, dim: int, mesh: DeviceMesh) -> torch.Tenso
 def reduce_scatter_along(x: torch.Tensor, dim: int, mesh: DeviceMesh) -> torch.Tensor:
     """Sum x over the ranks and keep this rank's slice of `dim` (1/size of it)."""
     return funcol.wait_tensor(_reduce_scatter_along(x.contiguous(), "sum", dim, mesh))
+
+
+def pipeline_eval(schedule, stages: list, *args, **kwargs) -> None:
+    """`schedule.eval(*args, **kwargs)`, after which the stages' receive buffers still take
+    gradients in the training steps that follow, on every torch we admit."""
+    schedule.eval(*args, **kwargs)
+    if torch_at_least("2.13"):  # a stage sets requires_grad on what it receives at each run
+        return
+    for stage in stages:
+        for infos in stage.args_recv_info.values():
+            for info in infos:
+                buffer = getattr(info, "buffer", None)  # root inputs of stage 0 have none
+                if isinstance(buffer, torch.Tensor) and buffer.is_floating_point():
+                    buffer.requires_grad_(True)

@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor, Shard
 from llama.config import ModelArgs
 from llama.model import Transformer
 
+from .compat import pipeline_eval
 from .layers import tp_size, vocab_parallel_cross_entropy
 from .mesh import local_device, pp_mesh
 
@@ -226,6 +227,7 @@ class Pipeline:
     schedule: object
     loss: PipelineLoss
     microbatches: int
+    stages: list  # the schedule's PipelineStage of each part
 
     @property
     def first(self) -> bool:
@@ -252,7 +254,7 @@ class Pipeline:
     def eval_loss_sum(self, inputs, targets, document_ids=None) -> torch.Tensor:
         """Summed token losses of a batch, forward only (0 on ranks without the last stage)."""
         self.loss.global_tokens = 1
-        return self._run(self.schedule.eval, inputs, targets, document_ids)
+        return self._run(functools.partial(pipeline_eval, self.schedule, self.stages), inputs, targets, document_ids)
 
     def _run(self, run, inputs, targets, document_ids):
         rows = inputs.shape[0]
@@ -315,4 +317,4 @@ def build_pipeline(
         schedule = ScheduleInterleaved1F1B(stages, microbatches, loss_fn=loss, scale_grads=False)
     else:
         schedule = Schedule1F1B(stages[0], microbatches, loss_fn=loss, scale_grads=False)
-    return Pipeline(parts, schedule, loss, microbatches)
+    return Pipeline(parts, schedule, loss, microbatches, stages)

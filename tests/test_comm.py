@@ -8,6 +8,7 @@ all-gather backward too), the LM head's entry (1 backward, plus
 per-token statistics), and, with sequence parallelism, one all-reduce that sums all
 norm-weight gradients at once."""
 
+import pytest
 import torch
 
 from llama import ModelArgs, Transformer
@@ -41,6 +42,7 @@ def _counts_for_one_and_two_layers():
     return {(layers, sp): _count_collectives(layers, sp) for layers in (1, 2) for sp in (False, True)}
 
 
+@pytest.mark.compat
 def test_collectives_per_step_are_the_megatron_minimum_at_tp2():
     counts = run_on_ranks(_counts_for_one_and_two_layers, 2)[0]
     one, two = counts[(1, False)], counts[(2, False)]

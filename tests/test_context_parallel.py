@@ -208,13 +208,16 @@ def check_against_one_device(cp: int, tp: int, with_documents: bool, sequence_pa
             assert r["complete"] and r["grad"] <= TOL, f"{where}: a gradient differs by {r['grad']:.3g}"
 
 
+@pytest.mark.compat
 def test_cp2_equals_one_device_in_logits_loss_and_gradients():
     check_against_one_device(cp=2, tp=1, with_documents=False)
 
 
+@pytest.mark.compat
 def test_cp2_with_tp2_equals_one_device_with_and_without_sequence_parallelism():
     check_against_one_device(cp=2, tp=2, with_documents=False, sequence_parallel_too=True)
 
 
+@pytest.mark.compat
 def test_cp2_with_packed_documents_equals_one_device_with_the_same_documents():
     check_against_one_device(cp=2, tp=1, with_documents=True)

@@ -276,6 +276,7 @@ def max_diff(a: dict, b: dict, names=None) -> float:
 # ---------------------------------------------------------------- parity
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("run", FP32_RUNS, ids=str)
 def test_three_adamw_steps_equal_single_device_training(launch, references, run):
     got, want = launch["results"][run], references[run.tied]
@@ -284,11 +285,13 @@ def test_three_adamw_steps_equal_single_device_training(launch, references, run)
     assert np.allclose(got["losses"], want["losses"], rtol=0, atol=TOL), (got["losses"], want["losses"])
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("run", FP32_RUNS, ids=str)
 def test_first_step_gradients_equal_single_device_gradients(launch, references, run):
     assert max_diff(launch["results"][run]["grads"], references[run.tied]["grads"]) < GRAD_TOL
 
 
+@pytest.mark.compat
 def test_partial_tp_gradients_are_summed_over_tp_under_fsdp(launch, references):
     """Norm weights under sequence parallelism and kv projections shared by tp ranks get
     tp-Partial gradients. FSDP2 redistributes them to the parameter's tp placement (one

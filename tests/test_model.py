@@ -199,11 +199,13 @@ def _check_tp_results(results, configs):
             assert "must divide n_heads 6" in rank_result["bad_tp"]
 
 
+@pytest.mark.compat
 def test_tp2_logits_loss_and_gradients_match_single_device():
     configs = {"tiny": TINY}
     _check_tp_results(run_on_ranks(_tp_suite, 2, configs), configs)
 
 
+@pytest.mark.compat
 def test_tp4_with_more_ranks_than_kv_heads_matches_single_device():
     configs = {"tiny": TINY, "odd_gqa": ODD_GQA}
     _check_tp_results(run_on_ranks(_tp_suite, 4, configs), configs)
@@ -330,3 +332,20 @@ def test_cpu_rms_norm_matches_torch_rms_norm_forward_and_backward():
     for a, b in ((ours, theirs), (dx, tx), (dw, tw)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, 1e-5), (x[:1, :2, :8], w[:8].detach().requires_grad_()))
+
+
+@pytest.mark.compat
+def test_compiled_cpu_rms_norm_matches_eager_forward_and_backward():
+    """torch 2.11's inductor once compiled this Function's forward into wrong gradients."""
+    from llama.norm import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 16, 64, generator=g, requires_grad=True)
+    w = torch.randn(64, generator=g, requires_grad=True)
+    grad = torch.randn(4, 16, 64, generator=g)
+    eager = [rms_norm(x, w, 1e-5), *torch.autograd.grad(rms_norm(x, w, 1e-5), (x, w), grad)]
+    compiled_fn = torch.compile(rms_norm, backend="inductor", fullgraph=True)
+    out = compiled_fn(x, w, 1e-5)
+    compiled = [out, *torch.autograd.grad(out, (x, w), grad)]
+    for name, a, b in zip(("y", "dx", "dw"), eager, compiled):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=lambda m: f"compiled rms_norm {name}: {m}")

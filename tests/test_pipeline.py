@@ -151,6 +151,7 @@ def launched():
     return get
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("run", RUNS, ids=[r[0] for r in RUNS])
 def test_pipeline_loss_and_gradients_match_one_device(run, launched):
     name, world, _, _, _, _, _, documents = run

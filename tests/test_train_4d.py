@@ -6,16 +6,19 @@ that resumes on 2-D, continuing the same run.
 Tolerance: fp32 on another mesh adds up reductions in another order; 1e-5 on every
 logged number over these few steps."""
 
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 from llama import Transformer
 from llama.weights import save_checkpoint
+from tests.corpus import write_documents
 from tests.test_train import TINY, check, final_weights, metrics, torchrun
+
+pytestmark = pytest.mark.compat  # the whole file is in the torch-versions subset
 
 TOL = 1e-5
 ARGS = replace(TINY, n_layers=4)  # pp 2: two blocks a stage; interleaved: one a stage
@@ -41,11 +44,8 @@ def converted(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """Six source files, six documents: windows that cross them test the document masks."""
-    path = tmp_path_factory.mktemp("data")
-    for f in sorted((Path(torch.__file__).parent / "nn" / "modules").glob("*.py"))[:6]:
-        (path / f"{f.stem}.txt").write_text(f.read_text()[:10_000])
-    return path
+    """Six files, six documents: windows that cross them test the document masks."""
+    return write_documents(tmp_path_factory.mktemp("data"), count=6, chars=10_000)
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +92,24 @@ def test_a_checkpoint_resumes_across_pp_and_cp_and_continues_the_run(converted, 
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= TOL, f"{first} -> {then}: final weights differ from 2-D by {worst:.3g}"
     shutil.rmtree(tmp_path)
+
+
+# what a new user runs first on a node: three steps of train.py on each parallel dimension
+# (tp with sequence parallelism, then cp 2 and pp 2 beside it), in the torch-versions subset
+# with everything above
+THREE_STEP_MESHES = {
+    "dp2xtp2-sp": ["--tp", "2", "--sequence-parallel"],
+    "cp2xtp2-sp": ["--tp", "2", "--cp", "2", "--sequence-parallel"],
+    "pp2xtp2-sp": ["--tp", "2", "--pp", "2", "--pp-microbatches", "2", "--sequence-parallel"],
+}
+
+
+@pytest.mark.parametrize("mesh", THREE_STEP_MESHES)
+def test_three_steps_of_train_py_run_on_2x2_with_tp_sp_cp_and_pp(converted, data, tmp_path, mesh):
+    check(torchrun("--checkpoint", converted, "--data", data, "--save-dir", tmp_path, "--seq-len", "32",
+                   "--global-batch", "8", "--steps", "3", "--warmup", "1", "--lr", "3e-3", "--log-every", "1", *THREE_STEP_MESHES[mesh]))
+    logged = [r for r in metrics(tmp_path) if "loss" in r]
+    assert [r["step"] for r in logged] == [1, 2, 3], mesh
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in logged), logged
+    assert logged[-1]["loss"] < logged[0]["loss"], f"{mesh}: three steps did not lower the loss: {logged}"
+    assert [p.name for p in tmp_path.glob("step_*")] == ["step_00000003"]
