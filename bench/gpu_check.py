@@ -278,25 +278,26 @@ def main(argv=None) -> int:
     # that finished and a stack dump on stderr
     faulthandler.enable()
     faulthandler.dump_traceback_later(opts.watchdog_s, exit=True)
-    torch.manual_seed(0)
-    if opts.device == "cuda":
-        import train
+    try:
+        torch.manual_seed(0)
+        if opts.device == "cuda":
+            import train
 
-        train.enable_tf32()  # what train.py does for fp32 matmuls; the fp32 references turn it off
-    header = {"device": opts.device, "device_name": device_name(opts.device), "torch": torch.__version__,
-              "model": "tiny" if opts.tiny else "3.2-1b", "seq_len": opts.seq_len, "micro_batch": opts.micro_batch,
-              "new_tokens": opts.new_tokens, "compile_backend": opts.compile_backend, "budgets": BUDGETS,
-              "total_budget": TOTAL_BUDGET}
-    print(" ".join(f"{k}={v}" for k, v in header.items() if k != "budgets"), flush=True)
-    results = run_parts(opts, header)
-    print(format_table(results))
-    if opts.out:
-        print(f"wrote {Path(opts.out) / 'gpu_check.json'}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    faulthandler.cancel_dump_traceback_later()
+            train.enable_tf32()  # what train.py does for fp32 matmuls; the fp32 references turn it off
+        header = {"device": opts.device, "device_name": device_name(opts.device), "torch": torch.__version__,
+                  "model": "tiny" if opts.tiny else "3.2-1b", "seq_len": opts.seq_len,
+                  "micro_batch": opts.micro_batch, "new_tokens": opts.new_tokens,
+                  "compile_backend": opts.compile_backend, "budgets": BUDGETS, "total_budget": TOTAL_BUDGET}
+        print(" ".join(f"{k}={v}" for k, v in header.items() if k != "budgets"), flush=True)
+        results = run_parts(opts, header)
+        print(format_table(results))
+        if opts.out:
+            print(f"wrote {Path(opts.out) / 'gpu_check.json'}")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    finally:
+        faulthandler.cancel_dump_traceback_later()  # main() called in a process that goes on (tests)
     return 0 if all(r["ok"] for r in results.values()) else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -357,7 +357,7 @@ def work_dir(opts, ctx) -> Path:
     data.mkdir()
     rng = random.Random(0)
     words = "the of and to in is that for it as with was on be by this are from at or an which model attention".split()
-    # documents of ~seq_len / 8 to ~1.5 seq_len bytes (byte tokens): most windows pack several
+    # documents of ~seq_len / 10 to ~seq_len bytes (byte tokens): most windows pack several
     # and cut one; four times the tokens that the steps read
     tokens_needed = 4 * (opts.steps + 2) * opts.micro_batch * (opts.seq_len + 1)
     written, n = 0, 0
@@ -374,12 +374,13 @@ def remove_work_dir(ctx) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def train_py_options(opts, ctx, extra=()):
-    """train.py's own flags and defaults for this device, on the generated corpus."""
+def train_py_options(opts, ctx):
+    """train.py's own flags and defaults for this device, on the generated corpus; --tp 1
+    for this one process (train.py's default is the GPUs of the node)."""
     import train
 
     argv = ["--data", str(work_dir(opts, ctx) / "data"), "--seq-len", str(opts.seq_len),
-            "--micro-batch", str(opts.micro_batch), "--tp", "1", *extra]
+            "--micro-batch", str(opts.micro_batch), "--tp", "1"]
     t_opts = train.parse_args(argv)
     t_opts.dtype = t_opts.dtype or train.default_dtype(torch.device(opts.device))
     return t_opts
@@ -608,6 +609,9 @@ def check_train_py(opts, ctx) -> dict:
         failures.append(f"first loss {losses[0]:.3f} is not within {FIRST_LOSS_TOL} of ln(vocab) {ln_vocab:.3f}")
     if config and (config.get("dtype") != expected_dtype or not config.get("document-masking")):
         failures.append(f"train.py ran dtype {config.get('dtype')}, document-masking {config.get('document-masking')}")
+    saved = sorted(p.name for p in save_dir.glob("step_*")) if save_dir.is_dir() else []
+    if returncode == 0 and not saved:
+        failures.append(f"train.py wrote no checkpoint to {save_dir} at its last step")
     steady = rows[2:] or rows
     tokens_per_s = statistics.median(r["tokens_per_s"] for r in steady) if steady else None
     mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
@@ -621,8 +625,7 @@ def check_train_py(opts, ctx) -> dict:
         "memory_gib": max((r["memory_gb"] for r in rows), default=None),
         "dtype": config.get("dtype"), "document_masking": config.get("document-masking"),
         "checkpoint_s": checkpoint_s, "wall_s": wall,
-        "saved": sorted(p.name for p in save_dir.glob("step_*")) if save_dir.is_dir() else [],
-        "failures": failures,
+        "saved": saved, "failures": failures,
     }
     planned = ctx.get("plan", {}).get("allocated_bytes")
     if device == "cuda" and planned and result["memory_gib"]:

@@ -109,6 +109,12 @@ def test_a_failing_part_is_a_row_and_a_hang_ends_on_the_watchdog_keeping_the_jso
     assert not parts["hang"]["ok"] and parts["hang"]["error"] == gpu_check.STARTED
 
 
+def test_a_failed_part_makes_the_exit_code_1(tmp_path):
+    """decode without the logits part, in this process (main() disarms its watchdog)."""
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--parts", "decode", "--out", str(tmp_path)]) == 1
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["decode"]["ok"] is False
+
+
 def test_a_failed_part_reads_failed_in_the_table_with_its_reasons_and_numbers():
     table = gpu_check.format_table({
         "decode": {"ok": False, "error": "RuntimeError: needs the logits part's bf16 model", "seconds": 0.1},
