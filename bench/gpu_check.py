@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+import gpu_check_attention as attention  # noqa: E402
 import gpu_check_parts as parts  # noqa: E402
 from gpu_check_parts import (  # noqa: E402
     device_name, exact_fp32, free_memory, model_args, one_line, synchronize, tf32_settings)
@@ -183,7 +184,7 @@ def check_decode(opts, ctx) -> dict:
             "total_s": total}
 
 
-PARTS = {"plan": check_plan, "collectives": parts.check_collectives, "flex": parts.check_flex,
+PARTS = {"plan": check_plan, "collectives": attention.check_collectives, "flex": attention.check_flex,
          "compile": parts.check_compile, "kernels": parts.check_kernels, "sync": parts.check_sync,
          "logits": check_logits, "decode": check_decode, "train_py": parts.check_train_py}
 

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import gpu_check  # noqa: E402
+import gpu_check_attention  # noqa: E402
 import gpu_check_parts  # noqa: E402
 
 PARTS = ["plan", "collectives", "flex", "compile", "kernels", "sync", "logits", "decode", "train_py"]
@@ -45,15 +46,15 @@ def test_tiny_gpu_check_on_cpu_prints_the_table_and_writes_json(tmp_path):
 
     collectives = parts["collectives"]
     assert collectives["backend"] == "gloo" and collectives["checks"] == 20 and not collectives["failures"]
-    assert collectives["max_abs_diff"] <= gpu_check_parts.COLLECTIVE_ATOL  # one rank: the same bytes
+    assert collectives["max_abs_diff"] <= gpu_check_attention.COLLECTIVE_ATOL  # one rank: the same bytes
 
     flex = parts["flex"]
     assert all(flex["masks_equal"].values()) and not flex["failures"]
-    assert flex["seq"] >= 2 * gpu_check_parts.FLEX_BLOCK and flex["documents"][0] >= 4  # packed, across blocks
+    assert flex["seq"] >= 2 * gpu_check_attention.FLEX_BLOCK and flex["documents"][0] >= 4  # packed, across blocks
     assert set(flex["runs"]) == {"eager float32", "eager bfloat16", "compiled float32", "compiled bfloat16"}
-    assert flex["worst_fp32_rel"] <= gpu_check_parts.FLEX_FP32_RTOL
+    assert flex["worst_fp32_rel"] <= gpu_check_attention.FLEX_FP32_RTOL
     # bf16 really ran in bf16: its rounding shows, and stays inside its tolerance
-    assert 1e-4 < flex["worst_bf16_rel"] <= gpu_check_parts.FLEX_BF16_RTOL
+    assert 1e-4 < flex["worst_bf16_rel"] <= gpu_check_attention.FLEX_BF16_RTOL
     # torch 2.13 has no flex attention backward on CPU: skipped, and torch's own reason given
     assert flex["backward"].startswith("skipped on CPU") and "NotImplementedError" in flex["backward"]
     assert "aot_eager" in flex["compiled_with"]
@@ -142,8 +143,9 @@ def test_the_budgets_add_up_and_the_compile_parts_come_first():
 def test_the_flops_are_the_models_own():
     """No formula of its own: MFU comes from ModelArgs.training_flops_per_token, which
     counts the tied output projection's matmul."""
-    assert not hasattr(gpu_check, "train_flops_per_token") and not hasattr(gpu_check_parts, "train_flops_per_token")
-    source = (ROOT / "bench" / "gpu_check_parts.py").read_text() + (ROOT / "bench" / "gpu_check.py").read_text()
+    modules = (gpu_check, gpu_check_parts, gpu_check_attention)
+    assert not any(hasattr(module, "train_flops_per_token") for module in modules)
+    source = "".join(Path(module.__file__).read_text() for module in modules)
     assert "def train_flops_per_token" not in source and source.count("training_flops_per_token(") == 2
 
 
