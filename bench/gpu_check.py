@@ -54,7 +54,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
 import gpu_check_attention as attention  # noqa: E402
 import gpu_check_parts as parts  # noqa: E402
@@ -294,8 +293,7 @@ def main(argv=None) -> int:
         print(format_table(results))
         if opts.out:
             print(f"wrote {Path(opts.out) / 'gpu_check.json'}")
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        parts.close_one_rank()
     finally:
         faulthandler.cancel_dump_traceback_later()  # main() called in a process that goes on (tests)
     return 0 if all(r["ok"] for r in results.values()) else 1

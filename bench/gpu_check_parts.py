@@ -55,8 +55,21 @@ def init_one_rank(device: str) -> None:
         return
     if device == "cuda":
         torch.cuda.set_device(0)
-    store = dist.FileStore(tempfile.mktemp(prefix="gpu_check_store_"), 1)
+    global STORE_PATH
+    STORE_PATH = tempfile.mktemp(prefix="gpu_check_store_")
+    store = dist.FileStore(STORE_PATH, 1)
     dist.init_process_group("nccl" if device == "cuda" else "gloo", store=store, rank=0, world_size=1)
+
+
+STORE_PATH = None
+
+
+def close_one_rank() -> None:
+    """Ends the one-rank group and removes its store file (torch 2.11 leaves it behind)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if STORE_PATH and os.path.exists(STORE_PATH):
+        os.remove(STORE_PATH)
 
 
 def synchronize(device: str) -> None:
