@@ -35,7 +35,8 @@ from llama.metrics import MemorySnapshot, MetricsLog, StepProfiler, drop_metrics
 from llama.run_config import parse_with_config, write_config
 from llama.tokenizer import load_tokenizer
 from llama.weights import read_model_args
-from parallel.checkpoint import Checkpointer, checkpoint_name, decide_resume, fault_injection, load_checkpoint
+from parallel.checkpoint import (
+    CheckpointError, Checkpointer, checkpoint_name, decide_resume, fault_injection, load_checkpoint)
 from parallel.control import control_group, rank0_first
 from parallel.devices import peak_tflops, warn_unknown_device
 from parallel.context import check_cp_divides, split_for_cp
@@ -694,7 +695,7 @@ def main(argv=None) -> int:
     init_distributed(timeout=datetime.timedelta(minutes=opts.comm_timeout))
     try:
         return train(opts, build_parser())
-    except ValueError as err:  # bad input found by every rank alike: one line, no traceback
+    except (ValueError, CheckpointError) as err:  # found by every rank alike (bad input, a failed save): one line
         if dist.get_rank() == 0:
             print(f"train.py: error: {err}", file=sys.stderr, flush=True)
         return 2

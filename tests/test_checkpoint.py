@@ -1,0 +1,103 @@
+"""parallel.checkpoint.Checkpointer on two gloo ranks: a save that fails on one rank ends
+every rank promptly with the same error and renames nothing."""
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from llama import ModelArgs
+from parallel.spawn import run_on_ranks
+
+TINY = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=16)
+COLLECTIVE_TIMEOUT = 20  # seconds: a rank left waiting fails the test this soon instead of hanging
+
+
+def _trained(steps: int = 1):
+    """A 2-rank FSDP model and its AdamW after `steps` steps (so the optimizer has state)."""
+    from parallel.control import control_group
+    from parallel.fsdp import build_parallel_model
+    from parallel.mesh import build_mesh
+
+    control_group()
+    model = build_parallel_model(TINY, build_mesh(tp=1), seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        step(model, optimizer)
+    return model, optimizer
+
+
+def step(model, optimizer) -> None:
+    tokens = torch.randint(0, TINY.vocab_size, (2, 9), generator=torch.Generator().manual_seed(dist.get_rank()))
+    model(tokens[:, :-1]).float().square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def _full(model) -> dict:
+    return {name: p.detach().full_tensor().clone() for name, p in model.named_parameters()}
+
+
+def _fail_on_rank(rank: int, how: str, monkeypatch_target) -> None:
+    """Make this rank's part of the next save fail: its background upload (`upload`: the
+    write finishes, then its future reports an error, as a failed flush or verify would)
+    or its own file before the write (`sync`: torch.save of its RNG state)."""
+    if dist.get_rank() != rank:
+        return
+    import torch.distributed.checkpoint as dcp
+    from concurrent.futures import Future
+
+    if how == "upload":
+        real = dcp.async_save
+
+        def failing_async_save(*args, **kwargs):
+            response = real(*args, **kwargs)
+            upload = getattr(response, "upload_completion", response)
+            failed = Future()
+            upload.add_done_callback(lambda _: failed.set_exception(OSError("injected: disk quota exceeded")))
+            return failed
+
+        monkeypatch_target(dcp, "async_save", failing_async_save)
+    else:
+        real_save = torch.save
+
+        def failing_save(obj, f, *args, **kwargs):
+            if str(f).endswith(f"rng_rank{rank}.pt"):
+                raise OSError("injected: read-only file system")
+            return real_save(obj, f, *args, **kwargs)
+
+        monkeypatch_target(torch, "save", failing_save)
+
+
+def _save_that_fails_on_rank_1(save_dir: str, async_save: bool) -> dict:
+    from parallel.checkpoint import CheckpointError, Checkpointer
+
+    model, optimizer = _trained()
+    checkpoints = Checkpointer(Path(save_dir), keep=2, async_save=async_save)
+    checkpoints.save(1, model, optimizer, {"data": {}})
+    checkpoints.wait()
+    _fail_on_rank(1, "upload" if async_save else "sync", setattr)
+    start = time.monotonic()
+    error = None
+    try:
+        checkpoints.save(2, model, optimizer, {"data": {}})
+        checkpoints.close()  # an async save's failure surfaces here
+    except CheckpointError as err:
+        error = str(err)
+    return {"error": error, "seconds": time.monotonic() - start, "last_saved": checkpoints.last_saved}
+
+
+@pytest.mark.parametrize("async_save", [True, False], ids=["async-upload", "sync-rng-file"])
+def test_a_save_failing_on_one_rank_ends_every_rank_with_one_error_and_renames_nothing(tmp_path, async_save):
+    results = run_on_ranks(_save_that_fails_on_rank_1, 2, str(tmp_path), async_save, timeout=120,
+                           pg_timeout=COLLECTIVE_TIMEOUT)
+    errors = {r["error"] for r in results}
+    assert len(errors) == 1 and None not in errors, errors  # every rank, the same message
+    (error,) = errors
+    assert "step 2 failed on rank 1" in error and "injected" in error
+    assert str(tmp_path / "step_00000002") in error and str(tmp_path / "step_00000001") in error
+    assert all(r["seconds"] < COLLECTIVE_TIMEOUT / 2 for r in results), results  # agreed, not timed out
+    assert all(r["last_saved"] == 1 for r in results)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]  # no final, no partial left
