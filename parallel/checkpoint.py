@@ -103,17 +103,37 @@ class _Pending:
     upload: Any = None  # the future of an async save
 
 
+class _AlreadyStaged:
+    """The stager dcp.async_save gets for a state that is already our host copy: it copies
+    nothing again (an AsyncStager by its members)."""
+
+    _synchronize_after_execute = False
+    should_synchronize_after_execute = False
+
+    def stage(self, state_dict):
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Checkpointer:
     """Saves checkpoints, synchronously or (async_save=True) in a background thread after a
     copy of this rank's shards to CPU memory, so that training goes on while they are
     written. At most one save is in flight: the next save and close() wait for it.
 
-    A failure on any rank,
+    The copy goes into host buffers that one stager (parallel.compat.checkpoint_stager)
+    keeps from save to save, pinned on CUDA: close() frees them. A failure on any rank,
     before or during the write, is agreed on by every rank (one small all-reduce on the
     control group) before anything is renamed, and raised on every rank as one
     CheckpointError naming the step, the directory and the failing rank."""
 
     def __init__(self, save_dir: Path, keep: int, async_save: bool = False):
+        from .compat import checkpoint_stager
+
         self.save_dir = Path(save_dir)
         self.keep = keep
         self.async_save = async_save
@@ -123,6 +143,7 @@ class Checkpointer:
         self._deleting: Optional[threading.Thread] = None
         # the background writer's collectives must not interleave with training's
         self._writer_group = dist.new_group(backend="gloo") if async_save else None
+        self.stager = checkpoint_stager(pin_memory=torch.cuda.is_available()) if async_save else None
 
     @property
     def newest_step(self) -> Optional[int]:
@@ -150,11 +171,15 @@ class Checkpointer:
         error = None
         try:
             torch.save({"torch": torch.get_rng_state()}, partial / f"rng_rank{self.rank}.pt")
+            if self.async_save:
+                state = self.stager.stage(state)  # into the buffers of the last save
         except Exception as err:  # noqa: BLE001 - agreed on below, raised on every rank
             error = err
         self._agree(pending, error)
         if self.async_save:
-            response = dcp.async_save(state, checkpoint_id=str(partial), process_group=self._writer_group)
+            response = dcp.async_save(
+                state, checkpoint_id=str(partial), process_group=self._writer_group, async_stager=_AlreadyStaged()
+            )
             pending.upload = getattr(response, "upload_completion", response)  # a Future either way
             self.pending = pending
             fault_injection("save", step, self.rank)  # while the background write may run
@@ -180,9 +205,14 @@ class Checkpointer:
             self._finish(pending, error)
 
     def close(self) -> None:
-        self.wait()
-        if self._deleting is not None:
-            self._deleting.join()
+        try:
+            self.wait()
+        finally:
+            if self.stager is not None:
+                self.stager.close()  # its host buffers go
+                self.stager = None
+            if self._deleting is not None:
+                self._deleting.join()
 
     def _agree(self, pending: _Pending, error: Optional[BaseException]) -> None:
         """Return when every rank's part of this save succeeded; else, on every rank, remove

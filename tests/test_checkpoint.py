@@ -1,5 +1,6 @@
 """parallel.checkpoint.Checkpointer on two gloo ranks: a save that fails on one rank ends
-every rank promptly with the same error and renames nothing."""
+every rank promptly with the same error and renames nothing; async saves copy into one
+stager's buffers, reused from save to save and freed by close()."""
 
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from llama import ModelArgs
+from parallel.compat import stager_reuses_buffers
 from parallel.spawn import run_on_ranks
 
 TINY = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=16)
@@ -101,3 +103,49 @@ def test_a_save_failing_on_one_rank_ends_every_rank_with_one_error_and_renames_n
     assert all(r["seconds"] < COLLECTIVE_TIMEOUT / 2 for r in results), results  # agreed, not timed out
     assert all(r["last_saved"] == 1 for r in results)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]  # no final, no partial left
+
+
+def _two_async_saves(save_dir: str) -> dict:
+    from parallel.checkpoint import Checkpointer, load_checkpoint
+
+    model, optimizer = _trained()
+    checkpoints = Checkpointer(Path(save_dir), keep=2, async_save=True)
+    stager, staged, kept, closes = checkpoints.stager, [], [], []
+    real_stage, real_close = stager.stage, stager.close
+
+    def recording_stage(state):
+        out = real_stage(state)
+        kept.append(out)  # alive, so that a fresh copy cannot land at the freed addresses by chance
+        staged.append(sorted(t.to_local().data_ptr() for t in out["model"].values()))
+        return out
+
+    stager.stage = recording_stage
+    stager.close = lambda: (closes.append(1), real_close())
+    checkpoints.save(1, model, optimizer, {"data": {}})
+    step(model, optimizer)
+    want = _full(model)
+    checkpoints.save(2, model, optimizer, {"data": {}})  # waits for save 1, copies into its buffers
+    step(model, optimizer)  # training goes on while save 2 is written
+    checkpoints.close()
+    dist.barrier()  # rank 0 renames the finished checkpoint into place after the others return
+    load_checkpoint(Path(save_dir) / "step_00000002", model, optimizer)
+    got = _full(model)
+    return {
+        "stages": len(staged),
+        "same_buffers": len(staged) == 2 and staged[0] == staged[1],
+        "closed": len(closes),
+        "stager_after_close": checkpoints.stager,
+        "restored": all(torch.equal(got[n], want[n]) for n in want),
+    }
+
+
+def test_async_saves_copy_into_one_stagers_buffers_which_close_frees(tmp_path):
+    """Both saves go through the checkpointer's one stager; the second copies into the
+    first one's host buffers (no fresh allocation, no fresh pinning on CUDA), holds the
+    weights of its own step although training changed them while it was written, and
+    close() closes the stager."""
+    for result in run_on_ranks(_two_async_saves, 2, str(tmp_path), timeout=120, pg_timeout=COLLECTIVE_TIMEOUT):
+        assert result["stages"] == 2 and result["closed"] == 1 and result["stager_after_close"] is None
+        assert result["same_buffers"] == stager_reuses_buffers(pin_memory=False)
+        assert result["restored"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001", "step_00000002"]
