@@ -603,7 +603,7 @@ def train(opts, parser: Optional[argparse.ArgumentParser] = None) -> int:
             _save(checkpoints, step, model, optimizer, loader, opts, int(skipped.item()))
             stop.observe(save_seconds=time.perf_counter() - save_start)
             window_start += time.perf_counter() - save_start
-        reason = stop.agreed() if step < last_step else None
+        reason = stop.agreed(step, waits_anyway=log_now or save_now) if step < last_step else None
         if reason is not None:
             if checkpoints.newest_step != step:
                 _save(checkpoints, step, model, optimizer, loader, opts, int(skipped.item()))

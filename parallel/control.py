@@ -34,13 +34,6 @@ def broadcast_from(src: int, value: Any) -> Any:
     return box[0]
 
 
-def any_rank(flags: Sequence[bool]) -> list:
-    """For each flag, whether any rank has it set: one small all-reduce."""
-    t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control_group())
-    return [bool(v) for v in t.tolist()]
-
-
 def max_over_ranks(values: Sequence[float]) -> list:
     """Each value's largest over every rank (float64): one small all-reduce."""
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)
