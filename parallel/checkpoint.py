@@ -159,16 +159,19 @@ class Checkpointer:
         self.wait()
         final = self.save_dir / checkpoint_name(step)
         partial = self.save_dir / f".{final.name}.partial"
+        pending = _Pending(step, partial, final, dict(trainer), model.args)
+        error = None
         if self.rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-        dist.barrier(group=control_group())
+            try:
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+            except OSError as err:
+                error = err
+        self._agree(pending, error)  # a barrier too: the directory exists before any rank writes into it
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
-        pending = _Pending(step, partial, final, dict(trainer), model.args)
         # This rank's own part first; the ranks agree on it before the write's collectives,
         # which would wait for a rank that failed here until they time out.
-        error = None
         try:
             torch.save({"torch": torch.get_rng_state()}, partial / f"rng_rank{self.rank}.pt")
             if self.async_save:

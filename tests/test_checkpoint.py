@@ -42,10 +42,11 @@ def _full(model) -> dict:
     return {name: p.detach().full_tensor().clone() for name, p in model.named_parameters()}
 
 
-def _fail_on_rank(rank: int, how: str, monkeypatch_target) -> None:
+def _fail_on_rank(rank: int, how: str) -> None:
     """Make this rank's part of the next save fail: its background upload (`upload`: the
-    write finishes, then its future reports an error, as a failed flush or verify would)
-    or its own file before the write (`sync`: torch.save of its RNG state)."""
+    write finishes, then its future reports an error, as a failed flush or verify would),
+    its own file before the write (`rng`: torch.save of its RNG state), or on rank 0 the
+    partial directory (`directory`)."""
     if dist.get_rank() != rank:
         return
     import torch.distributed.checkpoint as dcp
@@ -61,8 +62,8 @@ def _fail_on_rank(rank: int, how: str, monkeypatch_target) -> None:
             upload.add_done_callback(lambda _: failed.set_exception(OSError("injected: disk quota exceeded")))
             return failed
 
-        monkeypatch_target(dcp, "async_save", failing_async_save)
-    else:
+        dcp.async_save = failing_async_save
+    elif how == "rng":
         real_save = torch.save
 
         def failing_save(obj, f, *args, **kwargs):
@@ -70,17 +71,26 @@ def _fail_on_rank(rank: int, how: str, monkeypatch_target) -> None:
                 raise OSError("injected: read-only file system")
             return real_save(obj, f, *args, **kwargs)
 
-        monkeypatch_target(torch, "save", failing_save)
+        torch.save = failing_save
+    else:
+        real_mkdir = Path.mkdir
+
+        def failing_mkdir(self, *args, **kwargs):
+            if self.name.endswith(".partial"):
+                raise PermissionError("injected: permission denied")
+            return real_mkdir(self, *args, **kwargs)
+
+        Path.mkdir = failing_mkdir
 
 
-def _save_that_fails_on_rank_1(save_dir: str, async_save: bool) -> dict:
+def _save_that_fails(save_dir: str, async_save: bool, how: str, rank: int) -> dict:
     from parallel.checkpoint import CheckpointError, Checkpointer
 
     model, optimizer = _trained()
     checkpoints = Checkpointer(Path(save_dir), keep=2, async_save=async_save)
     checkpoints.save(1, model, optimizer, {"data": {}})
     checkpoints.wait()
-    _fail_on_rank(1, "upload" if async_save else "sync", setattr)
+    _fail_on_rank(rank, how)
     start = time.monotonic()
     error = None
     try:
@@ -91,14 +101,15 @@ def _save_that_fails_on_rank_1(save_dir: str, async_save: bool) -> dict:
     return {"error": error, "seconds": time.monotonic() - start, "last_saved": checkpoints.last_saved}
 
 
-@pytest.mark.parametrize("async_save", [True, False], ids=["async-upload", "sync-rng-file"])
-def test_a_save_failing_on_one_rank_ends_every_rank_with_one_error_and_renames_nothing(tmp_path, async_save):
-    results = run_on_ranks(_save_that_fails_on_rank_1, 2, str(tmp_path), async_save, timeout=120,
+@pytest.mark.parametrize("async_save, how, rank", [(True, "upload", 1), (False, "rng", 1), (True, "directory", 0)],
+                         ids=["async-upload", "sync-rng-file", "rank0-directory"])
+def test_a_save_failing_on_one_rank_ends_every_rank_with_one_error_and_renames_nothing(tmp_path, async_save, how, rank):
+    results = run_on_ranks(_save_that_fails, 2, str(tmp_path), async_save, how, rank, timeout=120,
                            pg_timeout=COLLECTIVE_TIMEOUT)
     errors = {r["error"] for r in results}
     assert len(errors) == 1 and None not in errors, errors  # every rank, the same message
     (error,) = errors
-    assert "step 2 failed on rank 1" in error and "injected" in error
+    assert f"step 2 failed on rank {rank}" in error and "injected" in error
     assert str(tmp_path / "step_00000002") in error and str(tmp_path / "step_00000001") in error
     assert all(r["seconds"] < COLLECTIVE_TIMEOUT / 2 for r in results), results  # agreed, not timed out
     assert all(r["last_saved"] == 1 for r in results)
