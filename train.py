@@ -15,7 +15,6 @@ import datetime
 import math
 import os
 import resource
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -35,16 +34,18 @@ from llama.metrics import MemorySnapshot, MetricsLog, StepProfiler, drop_metrics
 from llama.run_config import parse_with_config, write_config
 from llama.tokenizer import load_tokenizer
 from llama.weights import read_model_args
-from parallel.checkpoint import Checkpointer, checkpoint_name, decide_resume, fault_injection, load_checkpoint
+from parallel.checkpoint import (
+    CheckpointError, Checkpointer, checkpoint_name, decide_resume, fault_injection, load_checkpoint)
 from parallel.control import control_group, rank0_first
-from parallel.devices import peak_tflops, warn_unknown_device
-from parallel.context import check_cp_divides, split_for_cp
+from parallel.devices import enable_tf32, measure_machine_peak, sum_over_ranks, table_peak
+from parallel.context import check_cp_divides, check_sequence_parallel_divides, split_for_cp
 from parallel.fsdp import STRATEGIES, build_parallel_model
 from parallel.layers import vocab_parallel_cross_entropy
 from parallel.mesh import (
-    batch_mesh, build_mesh, cp_mesh, dp_rank, dp_size, exit_without_teardown, gpus_per_node, init_distributed,
-    local_device, pp_mesh, warn_if_tp_crosses_nodes)
+    batch_mesh, build_mesh, cp_mesh, cuda_device_for_rank, default_tp, dp_rank, dp_size, exit_without_teardown,
+    gpus_per_node, init_distributed, local_device, pp_mesh, warn_if_tp_crosses_nodes)
 from parallel.pipeline import Pipeline, PipelineConfig, add_pipeline_arguments, build_pipeline, check_pipeline
+from parallel.plan import Layout, StepConfig, choose_tp
 from parallel.preemption import PREEMPTED_EXIT_CODE, StopRequests, parse_signals, parse_time_limit
 from parallel.train_utils import clip_grad_norm_, sum_over_batch
 
@@ -77,12 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--eval-every", type=int, default=50, help="steps between validation losses; also before step 1 and at the end (default: %(default)s)")
     a.add_argument("--eval-batches", type=int, default=4, help="global batches in the fixed validation set (default: %(default)s)")
     a = p.add_argument_group("parallelism")
-    a.add_argument("--tp", type=int, help="tensor-parallel size (default: GPUs per node; on CPU 2 if it divides the world)")
+    a.add_argument("--tp", type=int, help="tensor-parallel size (default: on GPUs the smallest whose plan fits the GPU's memory, "
+                                          "FSDP sharding the rest, see parallel.plan.choose_tp; on CPU 2 if it divides the world)")
     a.add_argument("--strategy", default="full", choices=STRATEGIES,
                    help="FSDP sharding strategy across dp; with --pp, full runs as grad_op and hybrid as hybrid_zero2, "
                         "keeping each stage gathered through the step (default: %(default)s)")
     a.add_argument("--dp-replicate", type=int, default=1, help="hybrid strategies: number of replica groups (default: %(default)s)")
-    a.add_argument("--sequence-parallel", action="store_true", help="split activations along the sequence between blocks (default: off)")
+    a.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=True,
+                   help="split activations along the sequence between blocks when tp > 1 (default: on)")
     a.add_argument("--cp", type=int, default=1,
                    help="context-parallel size: each sequence is split over this many ranks, which all-gather "
                         "keys and values (default: %(default)s)")
@@ -387,37 +390,35 @@ def _log_validation(metrics: MetricsLog, step: int, val_loss: float, bar: bool =
 # ---------------------------------------------------------------- metrics
 
 
-def measure_peak_tflops(device, seconds: float = 1.0) -> float:
-    """fp32 matmul TFLOP/s of this process, measured while every rank measures too, so the
-    ranks' sum is the machine's peak as this job can use it."""
-    n = 1024
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    for _ in range(3):
-        a @ b
-    dist.barrier()
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    return 2 * n**3 * count / (time.perf_counter() - start) / 1e12
-
-
-def measure_machine_peak(device, probes: int = 3, seconds: float = 0.5) -> float:
-    """The machine's fp32 matmul TFLOP/s as this job's ranks can use it together: the
-    median of a few probes, each the ranks' sum while all of them measure. One probe can
-    read low (start-up work elsewhere steals the cores for part of it) or high (the ranks'
-    windows start unevenly, so one runs alone for a while); the median drops either."""
-    return statistics.median(_sum_over_ranks(measure_peak_tflops(device, seconds), device) for _ in range(probes))
-
-
 def memory_gb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def choose_default_tp(opts) -> Optional[str]:
+    """--tp not given: on GPUs the planner's choice from the model and this GPU's memory
+    (parallel.plan.choose_tp), on CPU parallel.mesh.default_tp. Sets opts.tp and returns the
+    line saying why. Before the process group exists: the planner builds a fake one."""
+    if opts.tp is not None:
+        return None
+    world, cut = int(os.environ.get("WORLD_SIZE", 1)), opts.cp * opts.pp
+    if not torch.cuda.is_available():
+        opts.tp = default_tp(world // cut if world % cut == 0 else world)
+        return f"--tp {opts.tp}: on CPU 2 when it divides the ranks, so that the demo runs both dimensions"
+    try:
+        args = read_model_args(opts.checkpoint) if opts.checkpoint else ModelArgs.from_preset(opts.preset)
+        gpu_memory = torch.cuda.get_device_properties(cuda_device_for_rank()).total_memory / 2**30
+        layout = Layout(pp=opts.pp, cp=opts.cp, pipeline=PipelineConfig.from_options(opts))
+        opts.tp, reason = choose_tp(args, world, gpus_per_node(), gpu_memory, StepConfig.from_options(opts), layout,
+                                    opts.strategy, opts.dp_replicate)
+    except ValueError:
+        return None  # train() meets the same error and reports it in one line; tp is the GPUs of a node till then
+    return reason
+
+
 def make_mesh(opts):
-    # --tp unset: parallel.mesh.default_tp, the GPUs of one node (on CPU 2 when it divides the world)
+    # --tp unset (make_mesh without choose_default_tp): parallel.mesh.default_tp
     return build_mesh(opts.tp, opts.dp_replicate, hybrid=STRATEGIES[opts.strategy].hybrid, cp=opts.cp, pp=opts.pp)
 
 
@@ -428,6 +429,7 @@ def batch_layout(opts, args: ModelArgs, dp: int) -> int:
     under --pp, so that a dp rank runs micro-batch x --pp-microbatches sequences through
     the schedule per micro-step."""
     check_cp_divides(opts.seq_len, opts.cp)
+    check_sequence_parallel_divides(opts.seq_len, opts.cp, opts.tp, opts.sequence_parallel)
     microbatches = check_pipeline(args, opts.pp, PipelineConfig.from_options(opts))
     global_batch = opts.global_batch or opts.micro_batch * microbatches * dp * opts.grad_accum
     rows = global_batch // (dp * opts.grad_accum)
@@ -478,7 +480,7 @@ def train(opts, parser: Optional[argparse.ArgumentParser] = None) -> int:
         enable_tf32()
         warn_if_tp_crosses_nodes(mesh["tp"].size(), gpus_per_node())
         if peak is None:
-            peak = _table_peak(opts.dtype)
+            peak = table_peak(opts.dtype)
     save_dir = Path(opts.save_dir)
     resume_from = decide_resume(save_dir, opts.resume)
 
@@ -526,7 +528,7 @@ def train(opts, parser: Optional[argparse.ArgumentParser] = None) -> int:
     if peak is None and device.type == "cpu":
         peak_total = measure_machine_peak(device)
     else:
-        peak_total = None if peak is None else _sum_over_ranks(peak, device)
+        peak_total = None if peak is None else sum_over_ranks(peak, device)
     world = dist.get_world_size()
     flops_per_token = args.training_flops_per_token(opts.seq_len)
     tokens_per_step = global_batch * opts.seq_len
@@ -602,7 +604,7 @@ def train(opts, parser: Optional[argparse.ArgumentParser] = None) -> int:
             _save(checkpoints, step, model, optimizer, loader, opts, int(skipped.item()))
             stop.observe(save_seconds=time.perf_counter() - save_start)
             window_start += time.perf_counter() - save_start
-        reason = stop.agreed() if step < last_step else None
+        reason = stop.agreed(step, waits_anyway=log_now or save_now) if step < last_step else None
         if reason is not None:
             if checkpoints.newest_step != step:
                 _save(checkpoints, step, model, optimizer, loader, opts, int(skipped.item()))
@@ -642,13 +644,6 @@ def default_dtype(device: torch.device) -> str:
     return "bf16" if device.type == "cuda" else "fp32"
 
 
-def enable_tf32() -> None:
-    """fp32 matmuls and convolutions on tensor cores (TF32: fp32 range, 10-bit mantissa,
-    fp32 accumulation): several times the plain fp32 rate, and what _table_peak assumes."""
-    torch.set_float32_matmul_precision("high")  # sets torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = True
-
-
 def keep_freed_host_memory() -> None:
     """CPU training: keep freed memory in the process for the next step's tensors instead
     of handing it back to the kernel. glibc maps large blocks (logits, activations) afresh
@@ -672,29 +667,15 @@ def keep_freed_host_memory() -> None:
     mallopt(M_TOP_PAD, 1 << 30)  # grow it in 1 GiB steps
 
 
-def _table_peak(dtype: str) -> Optional[float]:
-    """This GPU's dense peak for the run's matmuls; None (MFU logged as null) when unknown."""
-    name = torch.cuda.get_device_name()
-    if dtype == "fp32" and torch.backends.cuda.matmul.allow_tf32:
-        dtype = "tf32"
-    peak = peak_tflops(name, dtype)
-    if peak is None:
-        warn_unknown_device(name)
-    return peak
-
-
-def _sum_over_ranks(value: float, device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item()
-
-
 def main(argv=None) -> int:
     opts = parse_args(argv)
+    tp_reason = choose_default_tp(opts)
     init_distributed(timeout=datetime.timedelta(minutes=opts.comm_timeout))
     try:
+        if tp_reason and dist.get_rank() == 0:
+            print(tp_reason, flush=True)
         return train(opts, build_parser())
-    except ValueError as err:  # bad input found by every rank alike: one line, no traceback
+    except (ValueError, CheckpointError) as err:  # found by every rank alike (bad input, a failed save): one line
         if dist.get_rank() == 0:
             print(f"train.py: error: {err}", file=sys.stderr, flush=True)
         return 2

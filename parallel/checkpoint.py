@@ -3,7 +3,9 @@
 A checkpoint is a torch.distributed.checkpoint directory `step_NNNNNNNN/` with each
 rank's shards, each rank's RNG state, model_args.json and trainer.json. It is written
 under a hidden `.step_NNNNNNNN.partial` name and renamed into place by rank 0 only after
-every rank's write has finished, so the newest visible checkpoint is always complete.
+every rank's write has finished, so the newest visible checkpoint is always complete. A
+write that fails on any rank is agreed on by all of them, renames nothing, and raises
+one CheckpointError on every rank.
 
 Every decision about checkpoints (which one to resume from, whether the directory already
 holds a run) is made once, by rank 0, and broadcast: ranks on different nodes may see a
@@ -21,7 +23,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .control import broadcast_from_rank0, control_group
+from .control import broadcast_from, broadcast_from_rank0, control_group, max_over_ranks
 
 PREFIX = "step_"
 
@@ -85,6 +87,12 @@ def fault_injection(where: str, step: int, rank: int) -> bool:
     return True
 
 
+class CheckpointError(RuntimeError):
+    """A save that failed on some rank, raised alike on every rank once they have agreed
+    on it: nothing was renamed into place, so the newest visible checkpoint is the one
+    before it."""
+
+
 @dataclass
 class _Pending:
     step: int
@@ -95,12 +103,37 @@ class _Pending:
     upload: Any = None  # the future of an async save
 
 
+class _AlreadyStaged:
+    """The stager dcp.async_save gets for a state that is already our host copy: it copies
+    nothing again (an AsyncStager by its members)."""
+
+    _synchronize_after_execute = False
+    should_synchronize_after_execute = False
+
+    def stage(self, state_dict):
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Checkpointer:
     """Saves checkpoints, synchronously or (async_save=True) in a background thread after a
     copy of this rank's shards to CPU memory, so that training goes on while they are
-    written. At most one save is in flight: the next save and close() wait for it."""
+    written. At most one save is in flight: the next save and close() wait for it.
+
+    The copy goes into host buffers that one stager (parallel.compat.checkpoint_stager)
+    keeps from save to save, pinned on CUDA: close() frees them. A failure on any rank,
+    before or during the write, is agreed on by every rank (one small all-reduce on the
+    control group) before anything is renamed, and raised on every rank as one
+    CheckpointError naming the step, the directory and the failing rank."""
 
     def __init__(self, save_dir: Path, keep: int, async_save: bool = False):
+        from .compat import checkpoint_stager
+
         self.save_dir = Path(save_dir)
         self.keep = keep
         self.async_save = async_save
@@ -110,6 +143,7 @@ class Checkpointer:
         self._deleting: Optional[threading.Thread] = None
         # the background writer's collectives must not interleave with training's
         self._writer_group = dist.new_group(backend="gloo") if async_save else None
+        self.stager = checkpoint_stager(pin_memory=torch.cuda.is_available()) if async_save else None
 
     @property
     def newest_step(self) -> Optional[int]:
@@ -125,41 +159,87 @@ class Checkpointer:
         self.wait()
         final = self.save_dir / checkpoint_name(step)
         partial = self.save_dir / f".{final.name}.partial"
+        pending = _Pending(step, partial, final, dict(trainer), model.args)
+        error = None
         if self.rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-        dist.barrier(group=control_group())
-        torch.save({"torch": torch.get_rng_state()}, partial / f"rng_rank{self.rank}.pt")
+            try:
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+            except OSError as err:
+                error = err
+        self._agree(pending, error)  # a barrier too: the directory exists before any rank writes into it
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
-        pending = _Pending(step, partial, final, dict(trainer), model.args)
+        # This rank's own part first; the ranks agree on it before the write's collectives,
+        # which would wait for a rank that failed here until they time out.
+        try:
+            torch.save({"torch": torch.get_rng_state()}, partial / f"rng_rank{self.rank}.pt")
+            if self.async_save:
+                state = self.stager.stage(state)  # into the buffers of the last save
+        except Exception as err:  # noqa: BLE001 - agreed on below, raised on every rank
+            error = err
+        self._agree(pending, error)
         if self.async_save:
-            response = dcp.async_save(state, checkpoint_id=str(partial), process_group=self._writer_group)
+            response = dcp.async_save(
+                state, checkpoint_id=str(partial), process_group=self._writer_group, async_stager=_AlreadyStaged()
+            )
             pending.upload = getattr(response, "upload_completion", response)  # a Future either way
             self.pending = pending
             fault_injection("save", step, self.rank)  # while the background write may run
         else:
-            dcp.save(state, checkpoint_id=str(partial))
+            try:
+                dcp.save(state, checkpoint_id=str(partial))
+            except Exception as err:  # noqa: BLE001
+                error = err
             fault_injection("save", step, self.rank)
-            self._finish(pending)
+            self._finish(pending, error)
         return final
 
     def wait(self) -> None:
-        """Let the save in flight finish and become visible."""
+        """Let the save in flight finish and become visible; CheckpointError on every rank
+        if it failed on any."""
         if self.pending is not None:
             pending, self.pending = self.pending, None
-            pending.upload.result()
-            self._finish(pending)
+            error = None
+            try:
+                pending.upload.result()
+            except Exception as err:  # noqa: BLE001 - agreed on in _finish
+                error = err
+            self._finish(pending, error)
 
     def close(self) -> None:
-        self.wait()
-        if self._deleting is not None:
-            self._deleting.join()
+        try:
+            self.wait()
+        finally:
+            if self.stager is not None:
+                self.stager.close()  # its host buffers go
+                self.stager = None
+            if self._deleting is not None:
+                self._deleting.join()
 
-    def _finish(self, pending: _Pending) -> None:
+    def _agree(self, pending: _Pending, error: Optional[BaseException]) -> None:
+        """Return when every rank's part of this save succeeded; else, on every rank, remove
+        the partial directory (rank 0) and raise one CheckpointError naming the lowest
+        failing rank and its error."""
+        world = dist.get_world_size()
+        failed, lowest = max_over_ranks([error is not None, world - self.rank if error is not None else 0])
+        if not failed:
+            return
+        first = world - int(lowest)
+        what = broadcast_from(first, None if error is None else f"{type(error).__name__}: {error}")
+        if self.rank == 0:
+            shutil.rmtree(pending.partial, ignore_errors=True)
+        before = "none" if self.last_saved is None else str(self.save_dir / checkpoint_name(self.last_saved))
+        raise CheckpointError(
+            f"the checkpoint of step {pending.step} failed on rank {first} ({what}); {pending.final} was not "
+            f"written, the newest complete checkpoint is {before}. Check --save-dir {self.save_dir} "
+            "(space, permissions) and --resume from it"
+        ) from error
+
+    def _finish(self, pending: _Pending, error: Optional[BaseException] = None) -> None:
         from llama.weights import write_model_args
 
-        dist.barrier(group=control_group())  # every rank's shards are on disk
+        self._agree(pending, error)  # every rank's shards are on disk, or every rank raises
         if self.rank == 0:
             write_model_args(pending.model_args, pending.partial)
             trainer = dict(pending.trainer, step=pending.step, world_size=dist.get_world_size())

@@ -13,6 +13,13 @@ version itself.
   the activations it receives require grad. A schedule's first run being `eval` (train.py
   evaluates at step 0) left them without, and the first training step then failed in the
   backward send ("has gradients None"). `pipeline_eval` gives them back their grad.
+- Checkpoint staging (`torch.distributed.checkpoint.staging`, experimental): every
+  admitted torch has `DefaultStager(StagingOptions(...))` with the same signature, but
+  only from 2.13 on (checked on 2.13.0 and 2.14.1) does one stager keep its host copies
+  between saves. 2.11's drops its storage cache and its copy dispatch table after each
+  stage, so a second stage with the same stager fails (KeyError: <class 'type'>). There
+  `BlockingAsyncStager(cache_staged_state_dict=True)` keeps one copy instead, but it always
+  pins it, which needs CUDA. 2.12 is taken for 2.11: the safe side.
 
 This module is on the ground floor: it imports nothing of ours.
 """
@@ -32,6 +39,32 @@ _reduce_scatter_along = getattr(funcol, "reduce_scatter_single", None) or funcol
 
 def torch_at_least(version: str) -> bool:
     return TORCH_VERSION >= version
+
+
+_DEFAULT_STAGER_KEEPS_BUFFERS = torch_at_least("2.13")
+
+
+def checkpoint_stager(pin_memory: bool):
+    """One stager for every async save of a run: each save copies the shards into the same
+    host buffers, allocated at the first save, pinned when `pin_memory` (CUDA), so that
+    the device-to-host copy runs at full speed and no save allocates and pins gigabytes
+    afresh. The copy blocks until it is done (training may then change the weights); the
+    caller saves one checkpoint at a time, as the buffers hold one, and closes the stager
+    after the last save."""
+    from torch.distributed.checkpoint.staging import BlockingAsyncStager, DefaultStager, StagingOptions
+
+    if _DEFAULT_STAGER_KEEPS_BUFFERS:
+        return DefaultStager(StagingOptions(
+            use_pinned_memory=pin_memory, use_shared_memory=False, use_async_staging=False,
+            use_non_blocking_copy=pin_memory,  # needs an accelerator; one synchronize ends the copy
+        ))
+    # torch 2.11: one pinned copy; on CPU, where it cannot pin, a fresh copy per save
+    return BlockingAsyncStager(cache_staged_state_dict=pin_memory)
+
+
+def stager_reuses_buffers(pin_memory: bool) -> bool:
+    """Whether `checkpoint_stager(pin_memory)` copies every save into the same buffers."""
+    return _DEFAULT_STAGER_KEEPS_BUFFERS or pin_memory
 
 
 def all_reduce_sum(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:

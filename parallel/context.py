@@ -45,6 +45,18 @@ def check_cp_divides(seq_len: int, cp: int) -> None:
         )
 
 
+def check_sequence_parallel_divides(seq_len: int, cp: int, tp: int, sequence_parallel: bool) -> None:
+    """Sequence parallelism splits each rank's part of the sequence (all of it, or 1/cp) over
+    the tp ranks between blocks, so that part must divide by tp."""
+    local = seq_len // cp
+    if sequence_parallel and tp > 1 and local % tp:
+        tokens = f"--seq-len {seq_len}" if cp == 1 else f"--seq-len {seq_len} / --cp {cp} = {local} tokens per rank"
+        raise ValueError(
+            f"{tokens} must be a multiple of --tp {tp}: sequence parallelism (on by default) splits it over the "
+            "tp ranks; choose such a --seq-len, or pass --no-sequence-parallel"
+        )
+
+
 def rank_chunks(cp: int, rank: int) -> tuple[int, int]:
     """The two chunks (of 2 * cp) that a cp rank holds: an early one and its mirror."""
     return rank, 2 * cp - 1 - rank

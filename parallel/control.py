@@ -24,16 +24,21 @@ def control_group():
 
 def broadcast_from_rank0(value: Any) -> Any:
     """Rank 0's `value` on every rank (any picklable object)."""
+    return broadcast_from(0, value)
+
+
+def broadcast_from(src: int, value: Any) -> Any:
+    """Rank `src`'s `value` on every rank (any picklable object)."""
     box = [value]
-    dist.broadcast_object_list(box, src=0, group=control_group())
+    dist.broadcast_object_list(box, src=src, group=control_group())
     return box[0]
 
 
-def any_rank(flags: Sequence[bool]) -> list:
-    """For each flag, whether any rank has it set: one small all-reduce."""
-    t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
+def max_over_ranks(values: Sequence[float]) -> list:
+    """Each value's largest over every rank (float64): one small all-reduce."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control_group())
-    return [bool(v) for v in t.tolist()]
+    return t.tolist()
 
 
 def rank0_first(work: Callable[[], Any], timeout: datetime.timedelta) -> Any:

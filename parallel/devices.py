@@ -7,12 +7,18 @@ An unknown device gives None: MFU is then logged as null and training carries on
 Numbers are the vendors' datasheet peaks without structured sparsity (datasheets print
 the sparse figure, marked "*", beside or instead of the dense one; dense is half). bf16 is
 the tensor-core rate with fp32 accumulation, tf32 the tensor-core rate for fp32 matmuls,
-fp32 the plain (non-tensor) rate."""
+fp32 the plain (non-tensor) rate. Without a table entry (on CPU) the peak is measured,
+every rank at once (`measure_machine_peak`)."""
 
 import re
+import statistics
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Optional
+
+import torch
+import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -125,3 +131,54 @@ def warn_unknown_device(device_name: str) -> None:
         "pass --peak-tflops to set it",
         stacklevel=2,
     )
+
+
+# ---------------------------------------------------------------- the peak of this job
+
+
+def measure_peak_tflops(device, seconds: float = 1.0) -> float:
+    """fp32 matmul TFLOP/s of this process, measured while every rank measures too, so the
+    ranks' sum is the machine's peak as this job can use it."""
+    n = 1024
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ b
+    dist.barrier()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e12
+
+
+def measure_machine_peak(device, probes: int = 3, seconds: float = 0.5) -> float:
+    """The machine's fp32 matmul TFLOP/s as this job's ranks can use it together: the
+    median of a few probes, each the ranks' sum while all of them measure. One probe can
+    read low (start-up work elsewhere steals the cores for part of it) or high (the ranks'
+    windows start unevenly, so one runs alone for a while); the median drops either."""
+    return statistics.median(sum_over_ranks(measure_peak_tflops(device, seconds), device) for _ in range(probes))
+
+
+def enable_tf32() -> None:
+    """fp32 matmuls and convolutions on tensor cores (TF32: fp32 range, 10-bit mantissa,
+    fp32 accumulation): several times the plain fp32 rate, and what table_peak assumes."""
+    torch.set_float32_matmul_precision("high")  # sets torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def table_peak(dtype: str) -> Optional[float]:
+    """This GPU's dense peak for the run's matmuls; None (MFU logged as null) when unknown."""
+    name = torch.cuda.get_device_name()
+    if dtype == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+        dtype = "tf32"
+    peak = peak_tflops(name, dtype)
+    if peak is None:
+        warn_unknown_device(name)
+    return peak
+
+
+def sum_over_ranks(value: float, device) -> float:
+    """A per-rank number added up over every rank (one float64 all-reduce)."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()

@@ -117,7 +117,9 @@ def default_tp(world_size: Optional[int] = None) -> int:
     """Tensor parallelism inside a node: the GPUs of one node (torchrun's LOCAL_WORLD_SIZE).
     On CPU, 2 when it divides the world (default: the process group's size, else 1), so
     that the CPU demo runs both dimensions (4 processes: a 2x2 mesh); there is no fast
-    intra-node link that a larger tp would exploit."""
+    intra-node link that a larger tp would exploit. This is build_mesh's default, which
+    knows no model: on GPUs train.py takes the smallest tp whose plan fits the GPU's memory
+    instead (parallel.plan.choose_tp), tp 1 for models up to 8B on 80 GB GPUs."""
     if device_type() == "cuda":
         return int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))
     if world_size is None:

@@ -3,8 +3,8 @@ parallelism over tp and, planned ahead of train.py, pipeline parallelism over pp
 context parallelism over cp.
 
     python -m parallel.plan --model 3.1-405b --nodes 16 --gpus-per-node 8 [--json]
-    python -m parallel.plan --model 3.1-405b --nodes 1024 --pp 16 --pp-microbatches 32 \\
-        --seq-len 8192 --micro-batch 1 --sequence-parallel --activation-checkpointing full --gpu-memory 79.1
+    python -m parallel.plan --model 3.1-405b --nodes 1024 --tp 8 --pp 16 --pp-microbatches 32 \\
+        --seq-len 8192 --micro-batch 1 --activation-checkpointing full --gpu-memory 79.1
 
 It builds the real model with `build_parallel_model` on the meta device, on a fake
 process group of the ranks of one pipeline stage (the world size over pp; nothing is
@@ -63,7 +63,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from llama.config import PRESETS, ModelArgs
 
-from .context import check_cp_divides
+from .context import check_cp_divides, check_sequence_parallel_divides
 from .fsdp import STRATEGIES, build_parallel_model, checkpointed_blocks, fsdp_groups, get_strategy
 from .layers import CROSS_ENTROPY_CHUNK_BYTES
 from .mesh import build_mesh, dp_mesh, is_hybrid, mesh_shape
@@ -216,7 +216,7 @@ class CommCounter(TorchDispatchMode):
 # train.py's defaults, which the planner plans unless told otherwise (bf16: train.py's
 # default on CUDA). tests/test_plan.py holds the two equal.
 DEFAULTS = dict(
-    seq_len=256, batch=4, grad_accum=1, strategy="full", sequence_parallel=False, mixed_precision="bf16",
+    seq_len=256, batch=4, grad_accum=1, strategy="full", sequence_parallel=True, mixed_precision="bf16",
     activation_checkpointing="none", document_masking=True,
 )
 
@@ -235,6 +235,12 @@ class StepConfig:
     @property
     def compute_bytes(self) -> int:
         return 2 if self.mixed_precision == "bf16" else 4
+
+    @classmethod
+    def from_options(cls, opts: argparse.Namespace) -> "StepConfig":
+        """What train.py's flags run on a GPU (bf16 unless --dtype says otherwise)."""
+        return cls(opts.seq_len, opts.micro_batch, opts.grad_accum, opts.sequence_parallel, opts.dtype or "bf16",
+                   opts.activation_checkpointing, opts.document_masking)
 
 
 # ---------------------------------------------------------------- the 4-D layout
@@ -353,6 +359,7 @@ def check_layout(args: ModelArgs, world_size: int, tp: int, cfg: StepConfig, lay
     pp, cp, pipeline = layout.pp, layout.cp, layout.pipeline
     mesh_shape(world_size, tp, cp=cp, pp=pp)  # the mesh train.py would build: same checks, same messages
     check_cp_divides(cfg.seq_len, cp)
+    check_sequence_parallel_divides(cfg.seq_len, cp, tp, cfg.sequence_parallel)
     check_pipeline(args, pp, pipeline)
     return world_size // (pp * cp * tp)
 
@@ -1002,6 +1009,43 @@ def plan(
             dist.destroy_process_group()
 
 
+# choose_tp plans at most this many dp ranks and scales the model states (the only terms
+# that FSDP shards over dp) to the real dp: planning costs time in proportion to dp, as
+# FSDP chunks every parameter dp ways (8B on 16K ranks: minutes)
+CHOOSE_TP_MAX_DP = 64
+
+
+def choose_tp(args: ModelArgs, world_size: int, gpus_per_node: int, gpu_memory: float, cfg: StepConfig = StepConfig(),
+              layout: Layout = Layout(), strategy: str = "full", dp_replicate: int = 1) -> tuple:
+    """The default tp and the line saying why: the smallest tp (a divisor of the GPUs per
+    node, so that its groups stay on NVLink) whose plan fits `gpu_memory` GiB per GPU. FSDP
+    alone is the fastest where it fits (torchtitan trains 8B FSDP-only): tp's collectives
+    carry every block's activations and sit on the critical path. None fits: the largest."""
+    cut = layout.pp * layout.cp * (dp_replicate if get_strategy(strategy).hybrid else 1)
+    needed, refused = [], ValueError(f"no --tp divides both {gpus_per_node} GPUs per node and {world_size} ranks")
+    for tp in [t for t in range(1, gpus_per_node + 1) if gpus_per_node % t == 0 and world_size % (cut * t) == 0]:
+        dp_shard = world_size // (cut * tp)
+        planned = min(dp_shard, CHOOSE_TP_MAX_DP)
+        try:
+            result = plan(args, cut * tp * planned, tp, dp_replicate, replace(cfg, sequence_parallel=cfg.sequence_parallel
+                          and tp > 1), (strategy,), layout=layout)[strategy]
+        except ValueError as err:  # this tp does not split the heads or the sequence, or no tp would
+            refused = err
+            continue
+        states = sum(result[k] for k in ("param_bytes", "grad_bytes", "optimizer_bytes", "master_bytes"))
+        total = result["total_bytes"] - round(states * (1 - planned / dp_shard) * (1 + ALLOCATOR_SLACK))
+        if total <= gpu_memory * GIB:
+            smaller = "; " + ", ".join(f"tp {t} needs {_gib(n)}" for t, n in needed) if needed else ""
+            return tp, (f"--tp {tp}: the smallest tp whose plan fits {gpu_memory:.1f} GiB per GPU ({_gib(total)} GiB"
+                        f"{smaller}), FSDP sharding the rest; pass --tp to choose")
+        needed.append((tp, total))
+    if not needed:
+        raise refused  # the largest tp's reason
+    tp, total = needed[-1]
+    return tp, (f"--tp {tp}: no tp up to {gpus_per_node} GPUs per node fits {gpu_memory:.1f} GiB per GPU (tp {tp} needs "
+                f"{_gib(total)} GiB); add nodes, lower --micro-batch or --seq-len, or use --activation-checkpointing full")
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -1095,7 +1139,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nodes", type=int, default=1, help="machines (default: %(default)s)")
     p.add_argument("--gpus-per-node", type=int, default=8,
         help="processes per machine; groups within one use NVLink in the estimate (default: %(default)s)")
-    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: --gpus-per-node)")
+    p.add_argument("--tp", type=int, default=None,
+        help="tensor-parallel size (default: as train.py, the smallest that fits --gpu-memory, 79.1 if not given)")
     p.add_argument("--pp", type=int, default=1,
         help="pipeline-parallel stages, the outermost mesh dimension, as train.py --pp (default: %(default)s)")
     p.add_argument("--cp", type=int, default=1,
@@ -1115,7 +1160,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--activation-checkpointing", default=d["activation_checkpointing"], choices=["none", "full", "selective"],
         help="blocks recomputed in backward (default: %(default)s)")
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=d["sequence_parallel"],
-        help="split activations along the sequence between blocks when tp > 1 (default: off, as train.py)")
+        help="split activations along the sequence between blocks when tp > 1 (default: on, as train.py)")
     p.add_argument("--document-masking", action=argparse.BooleanOptionalAction, default=d["document_masking"],
         help="attention within documents: flex attention's block mask on CUDA (default: on, as train.py)")
     p.add_argument("--gpu-memory", type=float, default=None,
@@ -1143,12 +1188,11 @@ def main(argv=None) -> int:
             raise ValueError(f"--peak-tflops {opts.peak_tflops} must be positive and --compute-efficiency "
                              f"{opts.compute_efficiency} in (0, 1]")
         world = opts.nodes * opts.gpus_per_node
-        tp = opts.tp or opts.gpus_per_node
         cfg = StepConfig(
             seq_len=opts.seq_len,
             batch=opts.batch,
             grad_accum=opts.grad_accum,
-            sequence_parallel=opts.sequence_parallel and tp > 1,
+            sequence_parallel=opts.sequence_parallel,
             mixed_precision=opts.mixed_precision,
             activation_checkpointing=opts.activation_checkpointing,
             document_masking=opts.document_masking,
@@ -1160,6 +1204,11 @@ def main(argv=None) -> int:
             hardware=Hardware(opts.peak_tflops, opts.compute_efficiency, opts.gpus_per_node),
         )
         args = PRESETS[opts.model]
+        tp, tp_reason = opts.tp, None
+        if tp is None:
+            tp, tp_reason = choose_tp(args, world, opts.gpus_per_node, opts.gpu_memory or 79.1, cfg, layout, opts.strategy,
+                                      opts.dp_replicate or 1)
+        cfg = replace(cfg, sequence_parallel=cfg.sequence_parallel and tp > 1)
         dp = check_layout(args, world, tp, cfg, layout)
         dp_replicate = opts.dp_replicate or default_dp_replicate(dp)
         results = plan(args, world, tp, dp_replicate, cfg, gpu_memory=opts.gpu_memory, layout=layout)
@@ -1210,6 +1259,8 @@ def main(argv=None) -> int:
         f"document masking {'on' if cfg.document_masking else 'off'}"
     )
     print(format_table(results, header))
+    if tp_reason:
+        print(tp_reason)
     print(assumptions_line(layout.hardware))
     if "fits" in chosen:
         print(fits_line(opts.strategy, chosen))

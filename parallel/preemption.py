@@ -3,9 +3,16 @@
 A scheduler about to preempt a job signals it (SLURM: SIGTERM, or the signal given to
 `sbatch --signal`; torchrun forwards SIGTERM to its workers), then kills it a grace period
 later. A job may also have a wall-clock budget. Either way the signal handler only sets a
-flag: at the next step boundary every rank learns, in one small all-reduce, whether any
-rank wants to stop, and they all save and exit together. A signal that arrives during a
-save therefore lets the save finish first."""
+flag; at a step boundary every rank learns, in one small all-reduce, whether any rank wants
+to stop, and they all save and exit together. A signal that arrives during a save
+therefore lets the save finish first.
+
+That all-reduce is a host barrier of the whole world: at 16K ranks, hundreds of ms. So
+the ranks agree only at some boundaries: on the steps that wait for the host anyway (log
+and save steps), and every N steps, N chosen at each agreement from the longest step and
+save any rank has seen (agreed in the same all-reduce, so every rank picks the same N and
+the same steps): as many steps as fit in SIGNAL_DELAY_S, and with a time limit in its
+margin, whose check looks N steps ahead."""
 
 import re
 import signal
@@ -13,9 +20,14 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from .control import any_rank
+from .control import max_over_ranks
 
 PREEMPTED_EXIT_CODE = 3  # stopped early with a checkpoint of the current step: run again with --resume
+# The most training time a signal waits for the ranks to agree on it (then the save
+# follows): well inside Slurm's default KillWait of 30 s between SIGTERM and SIGKILL, and
+# long enough that an agreement of a few hundred ms costs a few percent at most
+SIGNAL_DELAY_S = 10.0
+MAX_STEPS_BETWEEN_AGREEMENTS = 1000  # a bound for very short steps
 
 
 def parse_signals(spec: str) -> list:
@@ -49,15 +61,20 @@ class StopRequests:
 
     The budget counts from this object's creation. The job stops once the time left is less
     than `safety` times the longest step plus the longest save seen so far, so that the
-    last step and the final checkpoint still fit."""
+    last step and the final checkpoint still fit, plus the steps until the next agreement.
+    `agreements` counts the all-reduces."""
 
-    def __init__(self, signals: Sequence[signal.Signals] = (), time_limit_s: Optional[float] = None, safety: float = 2.0):
+    def __init__(self, signals: Sequence[signal.Signals] = (), time_limit_s: Optional[float] = None, safety: float = 2.0,
+                 signal_delay_s: float = SIGNAL_DELAY_S):
         self.start = time.monotonic()
         self.time_limit_s = time_limit_s
         self.safety = safety
+        self.signal_delay_s = signal_delay_s
         self.received: Optional[str] = None
         self.longest_step = 0.0
         self.longest_save = 0.0
+        self.next_agreement = 0  # the first boundary agrees, whatever it is
+        self.agreements = 0
         for sig in signals:
             signal.signal(sig, self._on_signal)
 
@@ -70,17 +87,39 @@ class StopRequests:
         self.longest_step = max(self.longest_step, step_seconds)
         self.longest_save = max(self.longest_save, save_seconds)
 
-    def out_of_time(self) -> bool:
+    def out_of_time(self, steps_ahead: int = 0, elapsed: Optional[float] = None) -> bool:
+        """Whether the time left no longer covers the margin (and `steps_ahead` more steps)."""
         if self.time_limit_s is None:
             return False
-        left = self.time_limit_s - (time.monotonic() - self.start)
-        return left < self.safety * (self.longest_step + self.longest_save)
+        elapsed = time.monotonic() - self.start if elapsed is None else elapsed
+        margin = self.safety * (self.longest_step + self.longest_save)
+        return self.time_limit_s - elapsed < margin + steps_ahead * self.longest_step
 
-    def agreed(self) -> Optional[str]:
-        """On every rank at a step boundary: why the job stops now, or None to go on."""
-        by_signal, by_time = any_rank([self.received is not None, self.out_of_time()])
+    def steps_between_agreements(self) -> int:
+        """N: the steps that fit in SIGNAL_DELAY_S, and with a time limit in its margin
+        (the time the job keeps in hand), so that looking N steps ahead gives up at most
+        about one margin of the budget."""
+        if self.longest_step <= 0:
+            return 1
+        budget = self.signal_delay_s
+        if self.time_limit_s is not None:
+            budget = min(budget, self.safety * (self.longest_step + self.longest_save))
+        return max(1, min(MAX_STEPS_BETWEEN_AGREEMENTS, int(budget / self.longest_step)))
+
+    def agreed(self, step: int, waits_anyway: bool = True) -> Optional[str]:
+        """On every rank at the boundary after `step`: why the job stops now, or None to go
+        on. `waits_anyway`: this step waits for the host already (it logs or saves), so an
+        agreement costs little; on other steps the ranks agree only every N steps."""
+        if not waits_anyway and step < self.next_agreement:
+            return None
+        self.agreements += 1
+        by_signal, elapsed, self.longest_step, self.longest_save = max_over_ranks(
+            [self.received is not None, time.monotonic() - self.start, self.longest_step, self.longest_save]
+        )
+        every = self.steps_between_agreements()
+        self.next_agreement = step + every
         if by_signal:
             return "a signal"
-        if by_time:
+        if self.out_of_time(steps_ahead=every, elapsed=elapsed):
             return "the --time-limit"
         return None

@@ -63,11 +63,13 @@ def _replicas(grad: DTensor) -> int:
     return math.prod(grad.device_mesh.size(i) for i, p in enumerate(grad.placements) if p.is_replicate())
 
 
-def _gradients(parameters) -> list:
+def _parameters_and_gradients(parameters) -> tuple:
+    """(the parameters, the gradients among them), the gradients checked."""
     if isinstance(parameters, nn.Module):
         parameters = parameters.parameters()
+    params = list(parameters)
     grads = []
-    for param in parameters:
+    for param in params:
         grad = param.grad
         if grad is None:
             continue
@@ -77,40 +79,57 @@ def _gradients(parameters) -> list:
                 "after backward (FSDP-wrapped models do this themselves)"
             )
         grads.append(grad)
-    return grads
+    return params, grads
 
 
-def _norm_of(grads: list) -> torch.Tensor:
+def _sums_over_world(params: list) -> bool:
+    """Whether the norm adds up the ranks: DTensor parameters in a world of several ranks.
+    Decided from the parameters, never from the gradients: a rank may hold none (a pipeline
+    stage of frozen layers, LoRA adapters on some stages only, a step that reached no
+    parameter of this rank), and it must still join the all-reduce the others wait in."""
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return distributed and any(isinstance(p, DTensor) for p in params)
+
+
+def _norm_of(grads: list, over_world: bool, device: torch.device) -> torch.Tensor:
     # Each rank sums the squares of its local shards, dividing replicated ones by their
     # replica count so that the sum over all ranks counts each element once; one
     # all-reduce over the world adds the ranks up. Pipeline stages hold disjoint
-    # parameters, so the world sum also adds the stages (the norm over pp).
+    # parameters, so the world sum also adds the stages (the norm over pp). Every rank
+    # takes part in that all-reduce, with 0 when it holds no gradient.
     # Everything stays a tensor on the device: no step of this waits for the GPU.
-    if not grads:
-        return torch.zeros((), dtype=torch.float64)
     by_replicas: dict = {}
-    mesh = None
     for grad in grads:
         if isinstance(grad, DTensor):
-            mesh = grad.device_mesh
             by_replicas.setdefault(_replicas(grad), []).append(grad.to_local())
         else:
             by_replicas.setdefault(1, []).append(grad)
-    # the sum lives where the collective can run (a GPU for NCCL, even with CPU offload)
-    device = grads[0].device if mesh is None else local_device(mesh.device_type)
-    square_sums = [
-        torch.stack(torch._foreach_norm(tensors)).to(device, torch.float64).square().sum() / replicas
-        for replicas, tensors in by_replicas.items()
-    ]
-    square_sum = torch.stack(square_sums).sum()
-    if mesh is not None and dist.is_initialized() and dist.get_world_size() > 1:
+    square_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for replicas, tensors in by_replicas.items():
+        square_sum += torch.stack(torch._foreach_norm(tensors)).to(device, torch.float64).square().sum() / replicas
+    if over_world:
         dist.all_reduce(square_sum)
     return square_sum.sqrt()
 
 
+def _norm_device(params: list, grads: list, over_world: bool) -> torch.device:
+    """Where the sum lives: where the collective can run (a GPU for NCCL, even with CPU
+    offload), else beside the gradients."""
+    mesh = next((p.device_mesh for p in params if isinstance(p, DTensor)), None)
+    if over_world and mesh is not None:
+        return local_device(mesh.device_type)
+    return grads[0].device if grads else torch.device("cpu")
+
+
+def _total_norm(parameters) -> tuple:
+    params, grads = _parameters_and_gradients(parameters)
+    over_world = _sums_over_world(params)
+    return grads, _norm_of(grads, over_world, _norm_device(params, grads, over_world))
+
+
 def grad_norm(parameters: Union[nn.Module, Iterable[torch.Tensor]]) -> float:
     """The L2 norm of all gradients, equal to what one device holding whole tensors computes."""
-    return float(_norm_of(_gradients(parameters)))
+    return float(_total_norm(parameters)[1])
 
 
 def clip_grad_norm_(
@@ -120,8 +139,7 @@ def clip_grad_norm_(
     do not clip); returns the norm before clipping as a 0-dim float64 tensor, as
     torch.nn.utils.clip_grad_norm_ does on one device. Nothing here waits for the GPU: read
     the norm (`float(norm)`) only on the steps that log it."""
-    grads = _gradients(parameters)
-    total = _norm_of(grads)
+    grads, total = _total_norm(parameters)
     if max_norm is None or math.isinf(max_norm) or not grads:
         return total
     # Multiply by min(1, max_norm / norm) every step, even when it is 1: deciding on the

@@ -106,6 +106,67 @@ def test_stop_requests_leave_room_for_the_longest_step_and_save():
     assert not StopRequests().out_of_time()
 
 
+def _agreement_cadence(signal_after: int) -> dict:
+    """60 simulated steps on 2 gloo ranks with train.py's calls: a log every 25 steps,
+    steps of 0.5 s on rank 0 and 0.25 s on rank 1 (the agreed longest, 0.5 s, sets N on
+    both: 10 s / 0.5 s = 20 steps). Counts the all-reduces on the control group. Rank 1
+    signals itself SIGUSR1 after step `signal_after` (0: never)."""
+    import torch.distributed as dist
+
+    from parallel.control import control_group
+
+    control_group()
+    all_reduces, real = [], dist.all_reduce
+    dist.all_reduce = lambda *args, **kwargs: (all_reduces.append(1), real(*args, **kwargs))[1]
+    stop = StopRequests([signal.SIGUSR1], signal_delay_s=10.0)
+    agreed_at, stopped = [], None
+    for step in range(1, 61):
+        stop.observe(step_seconds=0.5 if dist.get_rank() == 0 else 0.25)
+        if step == signal_after and dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        before = stop.agreements
+        reason = stop.agreed(step, waits_anyway=step % 25 == 0)
+        if stop.agreements > before:
+            agreed_at.append(step)
+        if reason is not None:
+            stopped = (step, reason)
+            break
+    dist.all_reduce = real
+    return {"agreed_at": agreed_at, "all_reduces": len(all_reduces), "every": stop.steps_between_agreements(),
+            "stopped": stopped}
+
+
+def test_ranks_agree_on_stopping_only_on_log_steps_and_every_n_steps():
+    """Not every step: the first boundary, then every N = 20 steps counted from the last
+    agreement, and the log steps (25, 50) in between; one all-reduce each, on every rank
+    alike although their step times differ."""
+    for result in run_on_ranks(_agreement_cadence, 2, 0, timeout=120, pg_timeout=20):
+        assert result["agreed_at"] == [1, 21, 25, 45, 50]
+        assert result["all_reduces"] == 5 and result["every"] == 20 and result["stopped"] is None
+
+
+def test_a_signal_is_honoured_within_n_steps_on_every_rank():
+    """SIGUSR1 on rank 1 after step 27: the next agreement, step 45 (the one after 25, a
+    log step, plus 20), stops both ranks, at most N steps after the signal."""
+    for result in run_on_ranks(_agreement_cadence, 2, 27, timeout=120, pg_timeout=20):
+        assert result["stopped"] == (45, "a signal")
+        assert result["stopped"][0] - 27 <= result["every"]
+
+
+def test_the_time_limit_looks_as_far_ahead_as_the_next_agreement():
+    """N is bounded by the margin: 1 s steps and 4 s saves keep 2 x 5 = 10 s in hand, so
+    the ranks agree at least every 10 steps, and an agreement stops the job once the time
+    left no longer covers the margin plus those 10 steps."""
+    stop = StopRequests(time_limit_s=100.0, safety=2.0, signal_delay_s=60.0)
+    stop.observe(step_seconds=1.0, save_seconds=4.0)
+    assert stop.steps_between_agreements() == 10
+    assert StopRequests(signal_delay_s=60.0).steps_between_agreements() == 1  # no step seen yet
+    stop.start -= 75  # 25 s left: margin 10 s + 10 steps of 1 s fit
+    assert not stop.out_of_time(steps_ahead=10)
+    stop.start -= 10  # 15 s left: the margin alone would fit, the steps to the next agreement not
+    assert stop.out_of_time(steps_ahead=10) and not stop.out_of_time()
+
+
 def test_time_limits_and_signal_names_parse_or_fail_naming_the_flag():
     assert parse_time_limit("02:30") == 9000
     assert parse_time_limit("0:00:45") == 45

@@ -229,6 +229,40 @@ def test_clipping_tp_dtensor_gradients_never_reads_the_norm_on_the_host():
         assert grad_error < 1e-6
 
 
+
+def _clip_where_one_stage_has_no_gradients() -> list:
+    """Two pipeline-like ranks, each holding its own DTensor parameters (on its own 1-rank
+    dp mesh, as FSDP leaves them); one rank's are frozen, so it holds no gradient: rank 0's,
+    then rank 1's. Both clip, then meet in one more collective, as the next step's first
+    would."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("pp", "dp"))
+    rank, results = dist.get_rank(), []
+    for frozen_rank in (0, 1):
+        weight = torch.nn.Parameter(distribute_tensor(torch.full((4, 3), float(rank + 1)), mesh["dp"], [Shard(0)]))
+        if rank != frozen_rank:
+            weight.grad = distribute_tensor(torch.full((4, 3), 2.0), mesh["dp"], [Shard(0)])
+        norm = clip_grad_norm_([weight], 1.0)
+        after = torch.ones(())
+        dist.all_reduce(after)  # mismatched collectives before it would hang or mix up here
+        grad = None if weight.grad is None else float(weight.grad.to_local().abs().max())
+        results.append((frozen_rank, float(norm), float(after), grad))
+    return results
+
+
+def test_a_rank_without_gradients_still_joins_the_norms_all_reduce():
+    """The norm is the world's: the rank without gradients adds 0 to the one all-reduce
+    and clips nothing; the other clips by the same norm. A regression fails within the
+    short collective timeout instead of hanging."""
+    want = (12 * 2.0**2) ** 0.5
+    for rank, results in enumerate(run_on_ranks(_clip_where_one_stage_has_no_gradients, 2, timeout=60, pg_timeout=15)):
+        for frozen_rank, norm, after, grad in results:
+            assert norm == pytest.approx(want) and after == 2.0
+            assert grad is None if rank == frozen_rank else grad == pytest.approx(2.0 / want)
+
+
 # ---------------------------------------------------------------- tp-1 cross-entropy in chunks
 
 

@@ -106,11 +106,11 @@ def test_405b_on_16_nodes_of_8_answers_in_seconds():
     "argv, fragment",
     [
         (["--model", "3.1-8b", "--nodes", "2", "--gpus-per-node", "8", "--tp", "3"], "--tp 3 must divide the world size 16"),
-        (["--model", "3.1-8b", "--nodes", "3", "--gpus-per-node", "8", "--dp-replicate", "2"], "--dp-replicate 2 must divide"),
+        (["--model", "3.1-8b", "--nodes", "3", "--tp", "8", "--dp-replicate", "2"], "--dp-replicate 2 must divide"),
         (["--model", "3.1-8b", "--strategy", "zero3"], "unknown --strategy 'zero3'"),
         (["--model", "llama-9000"], "unknown --model 'llama-9000'"),
         (["--model", "3.2-3b", "--nodes", "2", "--gpus-per-node", "8", "--tp", "16"], "must divide n_heads 24"),
-        (["--model", "3.1-8b", "--nodes", "3", "--pp", "2"], "--pp 2 x --cp 1 x --tp 8 = 16 must divide the world size 24"),
+        (["--model", "3.1-8b", "--nodes", "3", "--tp", "8", "--pp", "2"], "--pp 2 x --cp 1 x --tp 8 = 16 must divide the world size 24"),
         (["--model", "3.1-8b", "--nodes", "2", "--cp", "2", "--seq-len", "6"], "--seq-len 6 must be a multiple of 2 x --cp = 4"),
         (["--model", "3.1-8b", "--nodes", "4", "--pp", "4", "--pp-microbatches", "2"], "--pp-microbatches 2 must be at least --pp 4"),
         (["--model", "3.1-8b", "--nodes", "4", "--pp", "4", "--pp-schedule", "interleaved"], "interleaved needs --virtual-stages 2"),

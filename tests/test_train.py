@@ -149,6 +149,7 @@ def test_a_rank_killed_while_saving_leaves_the_previous_checkpoint_to_resume(con
         (["--global-batch", "7"], "global batch 7 is not divisible by dp_size 2"),
         (["--seq-len", "120", "--global-batch", "4096"], "fewer than one global batch of 4096"),
         (["--cp", "2", "--seq-len", "30"], "--seq-len 30 must be a multiple of 2 x --cp = 4"),
+        (["--seq-len", "33"], "--seq-len 33 must be a multiple of --tp 2: sequence parallelism (on by default)"),
         (["--pp", "2", "--pp-microbatches", "3", "--global-batch", "8"], "must be divisible by --pp-microbatches 3"),
         (["--pp", "2", "--pp-schedule", "interleaved"], "interleaved needs --virtual-stages 2 or more"),
     ],
