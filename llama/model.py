@@ -32,6 +32,7 @@ from parallel.layers import (
     fill_normal_,
     head_layout,
     local_tensor,
+    sequence_parallel_weight,
     sharded_parameter,
     tp_size,
 )
@@ -49,12 +50,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         # under sequence parallelism each rank normalises part of the sequence, so its
-        # weight gradient is a partial sum
-        self.partial_grad = sequence_parallel and tp_size(tp_mesh) > 1
+        # weight gradient is a share of the total, summed over tp in backward
+        self.tp_mesh = tp_mesh if sequence_parallel else None
         self.weight = sharded_parameter((dim,), tp_mesh, Replicate())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = local_tensor(self.weight, partial_grad=self.partial_grad)
+        weight = sequence_parallel_weight(self.weight, self.tp_mesh)
         if x.dtype == torch.float32:
             # same values in fewer passes over x (a fused kernel on CUDA, a hand-written
             # backward on CPU); other dtypes round the normalised x before the weight

@@ -17,12 +17,14 @@ Gradients come out *summed* over dp ranks, not averaged: the loss is normalised 
 the global token count (`parallel.train_utils.token_loss`), which already holds the
 1/N, so averaging again would make the gradient depend on the mesh.
 
-Gradients that tp ranks compute in part (norm weights under sequence parallelism, kv
-projections shared when tp > n_kv_heads: `local_tensor(..., partial_grad=True)`) reach
-FSDP as tp-Partial DTensors. FSDP2 redistributes each to its parameter's tp placement,
-i.e. one tp all-reduce per such gradient, before the dp reduce-scatter, so the
-training loop needs no `reduce_partial_gradients` call (it would find nothing to do).
-tests/test_fsdp.py holds this against single-device gradients.
+Gradients that tp ranks compute in part: norm weights under sequence parallelism are
+summed over tp in fp32 in backward (`parallel.layers.sequence_parallel_weight`), before
+FSDP sees them; kv projections shared when tp > n_kv_heads
+(`local_tensor(..., partial_grad=True)`) reach FSDP as tp-Partial DTensors, which FSDP2
+redistributes to their parameter's tp placement (one tp all-reduce per such gradient, in
+the compute dtype) before the dp reduce-scatter. So the training loop needs no
+`reduce_partial_gradients` call (it would find nothing to do). tests/test_fsdp.py holds
+this against single-device gradients.
 """
 
 import functools

@@ -479,8 +479,9 @@ def tp_collectives(model, cfg: StepConfig, tp: int, rank: Optional[PipelineRank]
     parallelism, once also in a recomputed block (parallel/fsdp.py keeps their outputs);
     the embedding's on the first stage; the head's and the loss's small all-gather on the last. Per micro-step
     without a pipeline, once per step with one: the all-reduce of each gradient the tp ranks
-    computed in part (norms under sequence parallelism, kv projections shared when
-    tp > n_kv_heads), which FSDP does when it reduces."""
+    computed in part (kv projections shared when tp > n_kv_heads), which FSDP does when it
+    reduces. Per micro-batch, under sequence parallelism: each norm weight's fp32 all-reduce
+    in backward (parallel/layers.py sequence_parallel_weight)."""
     if tp == 1:
         return []
     args = model.args
@@ -508,12 +509,14 @@ def tp_collectives(model, cfg: StepConfig, tp: int, rank: Optional[PipelineRank]
         tokens = cfg.batch * seq
         out.append(Collective("tp", "all_gather", tp * 2 * tokens * 4, tp))  # loss: (log-sum-exp, target logit) fp32
 
-    partial = []
+    partial, norms = [], []
     for name, param in model.named_parameters():
         shared_kv = name.endswith(("wk.weight", "wv.weight")) and not model.layers[0].attention.layout.kv_sharded
-        if ((sp and name.endswith("norm.weight")) or shared_kv) and _on_rank(name, rank):
+        if sp and name.endswith("norm.weight") and _on_rank(name, rank):
+            norms.append(Collective("tp", "all_reduce", param.numel() * 4, tp))  # in fp32, in each backward
+        elif shared_kv and _on_rank(name, rank):
             partial.append(Collective("tp", "all_reduce", param.numel() * cfg.compute_bytes, tp))
-    return (out * microbatches + partial) * cfg.grad_accum
+    return ((out + norms) * microbatches + partial) * cfg.grad_accum
 
 
 def cp_collectives(model, cfg: StepConfig, cp: int, rank: PipelineRank, microbatches: int) -> list:

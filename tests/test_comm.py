@@ -5,8 +5,8 @@ with sequence parallelism each becomes a reduce-scatter / all-gather pair. Outsi
 the blocks: the embedding's exit (1 forward; with sequence parallelism its
 all-gather backward too), the LM head's entry (1 backward, plus
 1 all-gather forward with sequence parallelism), the loss (1 small all-gather of
-per-token statistics), and, with sequence parallelism, one all-reduce that sums all
-norm-weight gradients at once."""
+per-token statistics), and, with sequence parallelism, one small fp32 all-reduce per
+norm weight in backward (2 per block, 1 for the final norm) that sums its gradient."""
 
 import torch
 
@@ -52,11 +52,12 @@ def test_collectives_per_step_are_the_megatron_minimum_at_tp2():
 
     one, two = counts[(1, True)], counts[(2, True)]
     # embedding exit 1 RS forward, 1 AG backward; block 2 AG + 2 RS forward, 2 RS + 2 AG
-    # backward; head entry 1 AG forward, 1 RS backward; loss 1 AG; norm gradients 1 AR
-    assert one == {"reduce_scatter_tensor": 6, "all_gather_into_tensor": 7, "all_reduce": 1}
-    assert two == {"reduce_scatter_tensor": 10, "all_gather_into_tensor": 11, "all_reduce": 1}
+    # backward; head entry 1 AG forward, 1 RS backward; loss 1 AG; norm gradients 1 AR per
+    # norm (2 per block, the final norm's)
+    assert one == {"reduce_scatter_tensor": 6, "all_gather_into_tensor": 7, "all_reduce": 3}
+    assert two == {"reduce_scatter_tensor": 10, "all_gather_into_tensor": 11, "all_reduce": 5}
     per_block = {k: two[k] - one.get(k, 0) for k in two}
-    assert per_block == {"reduce_scatter_tensor": 4, "all_gather_into_tensor": 4, "all_reduce": 0}
+    assert per_block == {"reduce_scatter_tensor": 4, "all_gather_into_tensor": 4, "all_reduce": 2}
 
 
 # ---------------------------------------------------------------- activation checkpointing
@@ -108,7 +109,7 @@ def test_recomputed_blocks_send_no_collective_again():
     # tests/test_context_parallel.py (per block one K/V all-gather, one reduce-scatter)
     minimum = {
         "tp": {"all_reduce": 10, "all_gather_into_tensor": 1},
-        "tp+sp": {"reduce_scatter_tensor": 10, "all_gather_into_tensor": 11, "all_reduce": 1},
+        "tp+sp": {"reduce_scatter_tensor": 10, "all_gather_into_tensor": 11, "all_reduce": 5},
         "cp": {"all_gather_into_tensor": 2, "reduce_scatter_tensor": 2},
     }
     for case, runs in results.items():
@@ -118,3 +119,48 @@ def test_recomputed_blocks_send_no_collective_again():
         assert abs(loss - plain_loss) <= 1e-6, case
         for name, grad in grads.items():
             assert abs(grad - plain_grads[name]).max() <= 1e-5, f"{case}: {name}"
+
+
+# ---------------------------------------------------------------- norm gradients in fp32
+
+
+def _all_reduce_dtypes(model, args) -> list:
+    """(dtype, numel) of every all-reduce in one forward + backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class AllReduces(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name == "_c10d_functional::all_reduce":
+                self.seen.append((str(args[0].dtype), args[0].numel()))
+            return func(*args, **(kwargs or {}))
+
+    tokens, targets = batch(args)
+    with AllReduces() as reduces:
+        vocab_parallel_cross_entropy(model(tokens), targets).backward()
+    return reduces.seen
+
+
+def _bf16_norm_gradient_reductions() -> dict:
+    from parallel.fsdp import build_parallel_model
+    from parallel.mesh import build_mesh
+
+    args = ModelArgs(**{**ARGS.to_dict(), "n_layers": 2})
+    with torch.device("meta"):
+        plain = Transformer(args, tp_mesh(), sequence_parallel=True)
+    plain.init_weights(seed=0).to(torch.bfloat16)
+    fsdp = build_parallel_model(args, build_mesh(tp=2), sequence_parallel=True, mixed_precision="bf16")
+    return {"bf16 params": _all_reduce_dtypes(plain, args), "FSDP bf16 mixed precision": _all_reduce_dtypes(fsdp, args)}
+
+
+def test_norm_weight_gradients_are_summed_over_tp_in_fp32_under_bf16():
+    """Under sequence parallelism each tp rank's norm-weight gradient is its share of the
+    sum; the shares are summed in fp32 (parallel/layers.py sequence_parallel_weight), with
+    bf16 parameters and under FSDP's bf16 mixed precision alike: 5 all-reduces of dim
+    elements (2 blocks x 2 norms + the final norm), every one on an fp32 tensor."""
+    for case, seen in run_on_ranks(_bf16_norm_gradient_reductions, 2)[0].items():
+        norms = [dtype for dtype, numel in seen if numel == ARGS.dim]
+        assert norms == ["torch.float32"] * 5, f"{case}: {seen}"
