@@ -164,3 +164,67 @@ def test_norm_weight_gradients_are_summed_over_tp_in_fp32_under_bf16():
     for case, seen in run_on_ranks(_bf16_norm_gradient_reductions, 2)[0].items():
         norms = [dtype for dtype, numel in seen if numel == ARGS.dim]
         assert norms == ["torch.float32"] * 5, f"{case}: {seen}"
+
+
+# ---------------------------------------------------------------- copies around the collectives
+
+
+def _copied_bytes(fn) -> int:
+    """Bytes written by the ops fn runs besides the collectives: views, allocations and
+    the collectives' own buffers are free."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    free = {"empty", "new_empty", "empty_like", "empty_strided"}
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            namespace, name = func._schema.name.split("::")
+            if namespace == "aten" and not func.is_view and name not in free:
+                outputs = out if isinstance(out, (tuple, list)) else [out]
+                # an in-place copy writes its destination; others their outputs
+                self.bytes += sum(t.numel() * t.element_size() for t in outputs if isinstance(t, torch.Tensor))
+            return out
+
+    with Copies() as copies:
+        fn()
+    return copies.bytes
+
+
+def _copies_per_collective() -> dict:
+    """Per batch size: bytes copied by each sequence gather / scatter (forward, backward), in
+    units of the whole-sequence tensor's bytes."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from parallel.compat import all_gather_along, reduce_scatter_along
+    from parallel.context import gather_for_cp
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
+    out = {}
+    for bsz in (1, 2):
+        whole = torch.randn(bsz, 16, 4, 8)  # (batch, seq, heads, head_dim): K and V under cp
+        part = torch.randn(bsz, 8, 4, 8, requires_grad=True)
+        units = whole.numel() * whole.element_size()
+        gathered = gather_for_cp(part, mesh)
+        out[bsz] = {
+            "all_gather_along seq": _copied_bytes(lambda: all_gather_along(part.detach(), 1, mesh)) / units,
+            "reduce_scatter_along seq": _copied_bytes(lambda: reduce_scatter_along(whole, 1, mesh)) / units,
+            "cp gather forward": _copied_bytes(lambda: gather_for_cp(part, mesh)) / units,
+            "cp gather backward": _copied_bytes(lambda: torch.autograd.grad(gathered, part, whole)) / units,
+        }
+    return out
+
+
+def test_sequence_gathers_and_scatters_copy_no_more_than_the_layout_needs():
+    """The collectives run on dim 0; along the sequence (dim 1) a batch of 1 has the same
+    layout, a larger batch needs one copy of the tensor to interleave the ranks' parts.
+    Context parallelism's reordering of the chunks is that one copy, forward and backward
+    (parallel/context.py), not a second one after torch's."""
+    copies = run_on_ranks(_copies_per_collective, 2)[0]
+    assert copies[1] == {"all_gather_along seq": 0, "reduce_scatter_along seq": 0, "cp gather forward": 1, "cp gather backward": 1}
+    assert copies[2] == {"all_gather_along seq": 1, "reduce_scatter_along seq": 1, "cp gather forward": 1, "cp gather backward": 1}
