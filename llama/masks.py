@@ -90,18 +90,37 @@ def document_mask(document_ids: torch.Tensor, kernel: Optional[str] = None) -> D
         causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
         return DocumentMask(kernel, dense=(same_document & causal).unsqueeze(1), key_prefixes=causal_key_prefixes(seq))
 
-    from torch.nn.attention.flex_attention import create_block_mask
-
     def same_document_causal(b, h, q_idx, kv_idx):
         return (document_ids[b, q_idx] == document_ids[b, kv_idx]) & (q_idx >= kv_idx)
 
     batch, seq = document_ids.shape
-    # compiled on CUDA, the mask is evaluated block by block instead of as one (seq x seq) tensor
-    block = create_block_mask(
-        same_document_causal, B=batch, H=None, Q_LEN=seq, KV_LEN=seq, device=document_ids.device,
-        _compile=document_ids.is_cuda,
+    block = block_mask_builder(document_ids.device)(
+        same_document_causal, B=batch, H=None, Q_LEN=seq, KV_LEN=seq, device=document_ids.device
     )
     return DocumentMask(kernel, block=block)
+
+
+_compiled_create_block_mask = None
+
+
+def compiles_block_masks(device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def block_mask_builder(device):
+    """flex attention's create_block_mask, compiled once per process on CUDA, where the
+    compiled form evaluates the mask block by block instead of as one (seq x seq) tensor;
+    eager elsewhere. (Its `_compile=True` wraps it in a new torch.compile on every call.)
+    The mask functions are new closures each forward; dynamo guards on their code and the
+    shapes of the tensors they capture, so one graph serves every batch of a shape."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    global _compiled_create_block_mask
+    if not compiles_block_masks(device):
+        return create_block_mask
+    if _compiled_create_block_mask is None:
+        _compiled_create_block_mask = torch.compile(create_block_mask)
+    return _compiled_create_block_mask
 
 
 _compiled_flex = None
@@ -188,8 +207,6 @@ def context_parallel_mask(
             allowed = allowed & (query_document_ids[:, :, None] == document_ids[:, None, :])
         return DocumentMask(kernel, dense=allowed.unsqueeze(1), key_prefixes=key_prefixes)
 
-    from torch.nn.attention.flex_attention import create_block_mask
-
     def causal(b, h, q_idx, kv_idx):
         return query_positions[q_idx] >= kv_idx
 
@@ -198,8 +215,7 @@ def context_parallel_mask(
 
     mask_mod = causal if document_ids is None else same_document_causal
     batch = None if document_ids is None else document_ids.shape[0]
-    block = create_block_mask(
-        mask_mod, B=batch, H=None, Q_LEN=query_positions.shape[0], KV_LEN=seq_len, device=device,
-        _compile=query_positions.is_cuda,
+    block = block_mask_builder(device)(
+        mask_mod, B=batch, H=None, Q_LEN=query_positions.shape[0], KV_LEN=seq_len, device=device
     )
     return DocumentMask(kernel, block=block)

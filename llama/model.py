@@ -32,6 +32,7 @@ from parallel.layers import (
     fill_normal_,
     head_layout,
     local_tensor,
+    sequence_parallel_weight,
     sharded_parameter,
     tp_size,
 )
@@ -41,7 +42,7 @@ from .masks import (
     DocumentMask, causal_mask, check_document_ids, context_parallel_mask, document_mask, document_positions,
     gqa_needs_expanded_kv, masked_attention)
 from .norm import rms_norm
-from .rope import apply_rope, rope_table
+from .rope import FreqsCis, apply_rotary_emb, rope_table, rotation_tables
 
 
 class RMSNorm(nn.Module):
@@ -49,12 +50,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         # under sequence parallelism each rank normalises part of the sequence, so its
-        # weight gradient is a partial sum
-        self.partial_grad = sequence_parallel and tp_size(tp_mesh) > 1
+        # weight gradient is a share of the total, summed over tp in backward
+        self.tp_mesh = tp_mesh if sequence_parallel else None
         self.weight = sharded_parameter((dim,), tp_mesh, Replicate())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = local_tensor(self.weight, partial_grad=self.partial_grad)
+        weight = sequence_parallel_weight(self.weight, self.tp_mesh)
         if x.dtype == torch.float32:
             # same values in fewer passes over x (a fused kernel on CUDA, a hand-written
             # backward on CPU); other dtypes round the normalised x before the weight
@@ -119,7 +120,7 @@ class Attention(nn.Module):
         return self._kv_index
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0, kv_cache=None,
+        self, x: torch.Tensor, freqs_cis: FreqsCis, start_pos: int = 0, kv_cache=None,
         mask: Optional[DocumentMask] = None,
     ):
         x = self.enter(x)
@@ -127,7 +128,7 @@ class Attention(nn.Module):
         xq = self.wq(x).view(bsz, seqlen, self.layout.n_local_heads, self.head_dim)
         xk = self.wk(x).view(bsz, seqlen, self.layout.n_local_kv_heads, self.head_dim)
         xv = self.wv(x).view(bsz, seqlen, self.layout.n_local_kv_heads, self.head_dim)
-        xq, xk = apply_rope(xq, cos, sin), apply_rope(xk, cos, sin)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
         if cp_size(self.cp_mesh) > 1:
             # this rank's queries read the whole sequence's keys and values: one all-gather
             # of both, kv heads only (before any expansion to query heads); the mask holds
@@ -189,10 +190,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, tp_mesh, sequence_parallel)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0, kv_cache=None,
+        self, x: torch.Tensor, freqs_cis: FreqsCis, start_pos: int = 0, kv_cache=None,
         mask: Optional[DocumentMask] = None,
     ):
-        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, kv_cache, mask)
+        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, kv_cache, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -257,39 +258,45 @@ class Transformer(nn.Module):
             raise ValueError("document_ids are for training on packed rows; KV-cache decoding runs one document")
         if document_ids is not None:
             check_document_ids(document_ids, tokens)
-        cos, sin, mask = self.block_inputs(tokens.shape[1], tokens.device, start_pos, document_ids)
+        freqs_cis, mask = self.block_inputs(tokens.shape[1], tokens.device, start_pos, document_ids)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, start_pos, None if cache is None else (cache.k[i], cache.v[i]), mask)
+            h = layer(h, freqs_cis, start_pos, None if cache is None else (cache.k[i], cache.v[i]), mask)
         if last_only:  # generation needs the next token only: no (prompt x vocab) logits
             h = h[:, -1:]
         return self.output(self.norm(h))
 
     def block_inputs(self, seqlen: int, device, start_pos: int = 0, document_ids: Optional[torch.Tensor] = None):
-        """What every block reads besides the residual stream: the RoPE rows (cos, sin) of
-        this rank's `seqlen` positions, and the attention mask (None: SDPA's is_causal)."""
+        """What every block reads besides the residual stream, built once per forward: the
+        RoPE rotation of this rank's `seqlen` positions (freqs_cis), and the attention mask
+        (None: SDPA's is_causal)."""
         if self.cp_mesh is not None:
-            return self.context_parallel_inputs(seqlen, device, document_ids)
-        if document_ids is None:  # a KV-cache step past the prompt masks by its own offset
-            return (*self.rope(seqlen, device, start_pos), causal_mask(seqlen, device) if start_pos == 0 else None)
-        return (*self.rope_at(document_positions(document_ids)), document_mask(document_ids, self.attention_kernel))
+            (cos, sin), mask = self.context_parallel_inputs(seqlen, device, document_ids)
+        elif document_ids is None:  # a KV-cache step past the prompt masks by its own offset
+            cos, sin = self.rope(seqlen, device, start_pos)
+            mask = causal_mask(seqlen, device) if start_pos == 0 else None
+        else:
+            cos, sin = self.rope_at(document_positions(document_ids))
+            mask = document_mask(document_ids, self.attention_kernel)
+        return rotation_tables(cos, sin), mask
 
     def context_parallel_inputs(self, seqlen: int, device, document_ids: Optional[torch.Tensor]):
-        """RoPE rows and the attention mask of this cp rank's `seqlen` tokens, from global
-        positions. Per-document positions need the whole sequence's ids: gathered (a few
-        bytes per token), numbered, then split again."""
+        """RoPE rows (cos, sin) and the attention mask of this cp rank's `seqlen` tokens, from
+        global positions. Per-document positions need the whole sequence's ids: gathered (a
+        few bytes per token), numbered, then split again."""
         seq_len = seqlen * cp_size(self.cp_mesh)
         positions = cp_positions(seq_len, self.cp_mesh, device)
         prefixes = cp_key_prefixes(seq_len, self.cp_mesh)
         if document_ids is None:
-            cos, sin = self.rope_at(positions)
-            return cos, sin, context_parallel_mask(positions, seq_len, kernel=self.attention_kernel, key_prefixes=prefixes)
+            mask = context_parallel_mask(positions, seq_len, kernel=self.attention_kernel, key_prefixes=prefixes)
+            return self.rope_at(positions), mask
         all_ids = gather_for_cp(document_ids, self.cp_mesh)
-        cos, sin = self.rope_at(split_for_cp(document_positions(all_ids), self.cp_mesh))
-        mask = context_parallel_mask(positions, seq_len, all_ids, document_ids, self.attention_kernel, prefixes)
-        return cos, sin, mask
+        rows = self.rope_at(split_for_cp(document_positions(all_ids), self.cp_mesh))
+        return rows, context_parallel_mask(positions, seq_len, all_ids, document_ids, self.attention_kernel, prefixes)
 
     def rope_table(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of every position up to max_seq_len, built once per device, as Meta
+        precomputes freqs_cis once; a forward takes its rows."""
         if self._rope is None or self._rope[0].device != torch.device(device):
             self._rope = rope_table(self.args, self.args.max_seq_len, device)
         return self._rope

@@ -3,6 +3,7 @@ rotate together. Meta's reference multiplies complex numbers; here the same rota
 real arithmetic, which inductor can fuse into one kernel (it cannot fuse complex ops)."""
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -31,6 +32,28 @@ def rope_table(args: ModelArgs, seq_len: int, device=None) -> tuple[torch.Tensor
     return torch.cos(angles), torch.sin(angles)
 
 
+class FreqsCis(NamedTuple):
+    """cis(angle) = cos + i sin of each position and pair, laid out for the rotation in real
+    arithmetic: tables over the whole head_dim, broadcast over heads, (..., seq, 1, head_dim)
+    for cos and head_dim - 1 for the two shifted sine tables. Meta's name for the complex
+    table; built once per forward and read by every layer."""
+
+    cos: torch.Tensor
+    sin_next: torch.Tensor  # -sin at even positions, multiplying the next element
+    sin_prev: torch.Tensor  # +sin at odd positions, multiplying the previous element
+
+
+def rotation_tables(cos: torch.Tensor, sin: torch.Tensor) -> FreqsCis:
+    """The rotation tables of rows of `rope_table`: cos/sin (seq, head_dim / 2), or (batch,
+    seq, head_dim / 2) when positions differ per sequence (e.g. restart per document)."""
+    zeros = torch.zeros_like(sin)
+    return FreqsCis(
+        cos=cos.repeat_interleave(2, dim=-1).unsqueeze(-2),
+        sin_next=torch.stack((-sin, zeros), dim=-1).flatten(-2)[..., :-1].unsqueeze(-2),
+        sin_prev=torch.stack((zeros, sin), dim=-1).flatten(-2)[..., 1:].unsqueeze(-2),
+    )
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_next: torch.Tensor, sin_prev: torch.Tensor) -> torch.Tensor:
     # out[2i] = x[2i] cos_i - x[2i+1] sin_i and out[2i+1] = x[2i+1] cos_i + x[2i] sin_i, as
     # products of x with itself shifted by one element: contiguous views that eager CPU
@@ -57,13 +80,17 @@ class _Rotation(torch.autograd.Function):
         return _rotate(grad, cos, -sin_next, -sin_prev), None, None, None
 
 
+def rotate(x: torch.Tensor, freqs_cis: FreqsCis) -> torch.Tensor:
+    """x: (batch, seq, heads, head_dim), rotated in float32 and returned in x's dtype."""
+    return _Rotation.apply(x.float(), *freqs_cis).type_as(x)
+
+
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: FreqsCis) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys rotated by their positions' angles, as Meta's function of this name."""
+    return rotate(xq, freqs_cis), rotate(xk, freqs_cis)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, seq, heads, head_dim); cos/sin: (seq, head_dim / 2), or (batch, seq,
-    head_dim / 2) when positions differ per sequence (e.g. restart per document).
-    Computed in float32, returned in x's dtype."""
-    zeros = torch.zeros_like(sin)
-    # tables over the whole head_dim, broadcast over heads: (..., seq, 1, head_dim [- 1])
-    cos = cos.repeat_interleave(2, dim=-1).unsqueeze(-2)
-    sin_next = torch.stack((-sin, zeros), dim=-1).flatten(-2)[..., :-1].unsqueeze(-2)
-    sin_prev = torch.stack((zeros, sin), dim=-1).flatten(-2)[..., 1:].unsqueeze(-2)
-    return _Rotation.apply(x.float(), cos, sin_next, sin_prev).type_as(x)
+    """One tensor rotated by rows of `rope_table` (see rotation_tables), its tables
+    built here: for tests and benchmarks. The model builds them once per forward."""
+    return rotate(x, rotation_tables(cos, sin))

@@ -464,7 +464,7 @@ def dcp_source(path: Path) -> Source:
         raise ValueError(f"{path / '.metadata'}: unreadable DCP metadata ({type(err).__name__}: {err})") from None
     source = Source("dcp", path, config, args, {}, hf=meta.get("hf"))
     for name in expected_shapes(args):
-        key = next((k for k in (f"model.{name}", name) if k in stored), None)
+        key = dcp_key(name, stored)
         if key is None:
             continue  # reported as missing by check_source
         entry = stored[key]
@@ -474,6 +474,29 @@ def dcp_source(path: Path) -> Source:
         read = partial(_read_dcp, path, key, shape, dtype)
         source.tensors[name] = SourceTensor(name, dtype, shape, read, f"{path}: tensor {key}")
     return source
+
+
+def dcp_key(name: str, stored) -> Optional[str]:
+    """The key of our tensor `name` in a DCP checkpoint's metadata: "model.<name>", as
+    train.py saves it beside the optimizer's state, or the bare name; None if absent."""
+    return next((k for k in (f"model.{name}", name) if k in stored), None)
+
+
+def read_dcp_shards_(path: Path, tensors: dict, process_group=None) -> None:
+    """Fill `tensors` (our name -> an allocated tensor, or a DTensor holding this rank's
+    shards) from the DCP checkpoint at `path`, whatever mesh wrote it. dcp.load plans the
+    reads from the DTensors' placements, so a rank reads only the stored chunks that overlap
+    its own shards (each chunk whole: FileSystemReader reads one and slices it), not every
+    tensor whole. `process_group`: the ranks that load these DTensors together; None for
+    plain tensors in one process. Run `check_source(dcp_source(path))` first."""
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(str(path))
+    stored = reader.read_metadata().state_dict_metadata
+    state = {dcp_key(name, stored): tensor for name, tensor in tensors.items()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=reader, process_group=process_group, no_dist=process_group is None)
 
 
 def _read_dcp(path: Path, key: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:

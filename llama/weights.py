@@ -517,11 +517,11 @@ def load_model(
     device=None,
 ) -> Transformer:
     """The model of a converted checkpoint, with this rank's shards read from disk. `path`
-    may also be a training checkpoint (train.py's step_N, a DCP directory): its tensors
-    are read whole, one at a time, and each rank keeps its shard."""
+    may also be a training checkpoint (train.py's step_N, a DCP directory), from which
+    each rank reads the stored chunks that overlap its shards."""
     training = is_training_checkpoint(path)
     if training:
-        from .sources import check_source, dcp_source
+        from .sources import check_source, dcp_source, read_dcp_shards_
 
         source = dcp_source(Path(path))
         check_source(source)
@@ -538,9 +538,9 @@ def load_model(
     if not training:
         load_weights_(model, path, located)
         return model
+    group = None if tp_mesh is None else tp_mesh.get_group()
     with torch.no_grad():
-        for name, param in expected_tensors(model).items():
-            local_tensor(param).copy_(source.tensors[name].read()[local_slices(param)])
+        read_dcp_shards_(Path(path), expected_tensors(model), group)
     return model
 
 

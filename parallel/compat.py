@@ -24,6 +24,7 @@ version itself.
 This module is on the ground floor: it imports nothing of ours.
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -72,6 +73,13 @@ def all_reduce_sum(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
     return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", mesh))
 
 
+# The collectives themselves gather and scatter along dim 0: every rank's part one after
+# another in memory. Along another dim, torch (2.11 to 2.14 alike) rearranges after the
+# gather and before the scatter, a copy of the whole tensor, except where every dim before
+# `dim` has size 1 (batch 1 along the sequence), where the layouts agree. torch's gather
+# takes that view itself; its scatter copies anyway, so reduce_scatter_along views.
+
+
 def all_gather_along(x: torch.Tensor, dim: int, mesh: DeviceMesh) -> torch.Tensor:
     """Concatenate every rank's x along `dim`, in rank order."""
     return funcol.wait_tensor(_all_gather_along(x.contiguous(), dim, mesh))
@@ -79,7 +87,21 @@ def all_gather_along(x: torch.Tensor, dim: int, mesh: DeviceMesh) -> torch.Tenso
 
 def reduce_scatter_along(x: torch.Tensor, dim: int, mesh: DeviceMesh) -> torch.Tensor:
     """Sum x over the ranks and keep this rank's slice of `dim` (1/size of it)."""
-    return funcol.wait_tensor(_reduce_scatter_along(x.contiguous(), "sum", dim, mesh))
+    x = x.contiguous()
+    if dim == 0 or math.prod(x.shape[:dim]) != 1:
+        return funcol.wait_tensor(_reduce_scatter_along(x, "sum", dim, mesh))
+    local_shape = (*x.shape[:dim], x.shape[dim] // mesh.size(), *x.shape[dim + 1 :])
+    return reduce_scatter_stacked(x.view(mesh.size(), *local_shape), mesh)
+
+
+def all_gather_stacked(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """(size, *x.shape): every rank's x, in rank order along a new first dim (no copy)."""
+    return funcol.wait_tensor(_all_gather_along(x.contiguous(), 0, mesh)).view(mesh.size(), *x.shape)
+
+
+def reduce_scatter_stacked(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """x (size, ...): the sum over the ranks of x[rank], for this rank (no copy)."""
+    return funcol.wait_tensor(_reduce_scatter_along(x.contiguous(), "sum", 0, mesh)).view(x.shape[1:])
 
 
 def pipeline_eval(schedule, stages: list, *args, **kwargs) -> None:

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
-from parallel.compat import all_gather_along, reduce_scatter_along
+from parallel.compat import all_gather_stacked, reduce_scatter_stacked
 
 
 def cp_size(mesh: Optional[DeviceMesh]) -> int:
@@ -109,29 +109,51 @@ def cp_positions(seq_len: int, cp_mesh: Optional[DeviceMesh], device=None) -> to
     return positions_for_rank(seq_len, cp_size(cp_mesh), cp_rank(cp_mesh), device)
 
 
+# The cp collectives run on dim 0 of ranks' parts stacked (parallel/compat.py), so that
+# putting the chunks in sequence order, and back in rank order for the gradient, is the one
+# copy: gathering along `dim` first and then reordering would copy twice for batch > 1.
+
+
+def sequence_from_ranks(stacked: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """(cp, ...) every rank's part -> the whole sequence along `dim`, in order: one copy."""
+    cp = stacked.shape[0]
+    halves = [part.chunk(2, dim) for part in stacked.unbind(0)]
+    return torch.cat([halves[r][0] for r in range(cp)] + [halves[r][1] for r in reversed(range(cp))], dim)
+
+
+def ranks_from_sequence(x: torch.Tensor, cp: int, dim: int = 1) -> torch.Tensor:
+    """Inverse of sequence_from_ranks: (cp, ...) each rank's part, written in one pass."""
+    chunks = x.chunk(2 * cp, dim)
+    chunk = chunks[0].shape[dim]
+    out = x.new_empty((cp, *x.shape[:dim], 2 * chunk, *x.shape[dim + 1 :]))
+    for r in range(cp):
+        first, second = rank_chunks(cp, r)
+        out[r].narrow(dim, 0, chunk).copy_(chunks[first])
+        out[r].narrow(dim, chunk, chunk).copy_(chunks[second])
+    return out
+
+
 class _AllGatherSequence(torch.autograd.Function):
-    """All-gather along `dim` over cp (rank order); backward reduce-scatters the gradient,
-    summing what every rank's queries contributed to this rank's keys and values."""
+    """The whole sequence along `dim` from every cp rank's part; backward reduce-scatters
+    the gradient, summing what every rank's queries contributed to this rank's keys and
+    values."""
 
     @staticmethod
     def forward(ctx, x, dim, mesh):
         ctx.dim, ctx.mesh = dim, mesh
-        return all_gather_along(x, dim, mesh)
+        return sequence_from_ranks(all_gather_stacked(x, mesh), dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return reduce_scatter_along(grad, ctx.dim, ctx.mesh), None, None
+        return reduce_scatter_stacked(ranks_from_sequence(grad, ctx.mesh.size(), ctx.dim), ctx.mesh), None, None
 
 
 def gather_for_cp(x: torch.Tensor, cp_mesh: Optional[DeviceMesh], dim: int = 1) -> torch.Tensor:
     """The whole sequence, in order, from every rank's split part; differentiable (backward
     reduce-scatters). Used for K and V in attention, document ids, and logits in tests."""
-    cp = cp_size(cp_mesh)
-    if cp == 1:
+    if cp_size(cp_mesh) == 1:
         return x
     if not x.requires_grad:
         # ids and positions: a plain all-gather, no autograd node
-        gathered = all_gather_along(x, dim, cp_mesh)
-    else:
-        gathered = _AllGatherSequence.apply(x, dim, cp_mesh)
-    return restore_order(gathered, cp, dim)
+        return sequence_from_ranks(all_gather_stacked(x, cp_mesh), dim)
+    return _AllGatherSequence.apply(x, dim, cp_mesh)

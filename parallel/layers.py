@@ -5,7 +5,8 @@ mesh) and does its math on local shards. Collectives happen only where Megatron 
 them: `RegionInput` enters the tensor-parallel region (identity forward, all-reduce
 backward; all-gather / reduce-scatter along the sequence with sequence parallelism),
 `RowParallelLinear` and `VocabParallelEmbedding` leave it (all-reduce forward, or
-reduce-scatter along the sequence). Everything else is local.
+reduce-scatter along the sequence). With sequence parallelism a norm's weight gradient is
+summed over tp in backward (`sequence_parallel_weight`). Everything else is local.
 """
 
 import math
@@ -83,6 +84,21 @@ class _ScatterSequence(torch.autograd.Function):
         return all_gather_along(grad, SEQ_DIM, ctx.mesh), None
 
 
+class _SumGradInFp32(torch.autograd.Function):
+    """Identity forward; backward sums the tp ranks' shares of the gradient in fp32, one
+    rounding to the parameter's dtype at the end (a bf16 all-reduce would round at every
+    step of its ring)."""
+
+    @staticmethod
+    def forward(ctx, x, mesh):
+        ctx.mesh = mesh
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_sum(grad.float(), ctx.mesh).to(grad.dtype), None
+
+
 def _leave_region(x: torch.Tensor, mesh: Optional[DeviceMesh], sequence_parallel: bool) -> torch.Tensor:
     """Sum the tp ranks' partial results: all-reduce, or reduce-scatter along the sequence."""
     if tp_size(mesh) == 1:
@@ -147,11 +163,22 @@ def local_tensor(param: torch.Tensor, partial_grad: bool = False) -> torch.Tenso
     return param.to_local(grad_placements=grad_placements)
 
 
+def sequence_parallel_weight(param: torch.Tensor, tp_mesh: Optional[DeviceMesh]) -> torch.Tensor:
+    """The local copy of a replicated weight (a norm's) that each tp rank applies to its part
+    of the sequence under sequence parallelism. Each rank's gradient is a share of the
+    total; backward sums the shares over tp in fp32, whatever the compute dtype, so the
+    parameter's gradient arrives whole (to FSDP, or to the optimizer)."""
+    weight = local_tensor(param)
+    if tp_size(tp_mesh) == 1:
+        return weight
+    return _SumGradInFp32.apply(weight, tp_mesh)
+
+
 def reduce_partial_gradients(module: nn.Module) -> int:
-    """Sum the gradients that tp ranks computed in part (norm weights under sequence
-    parallelism, kv projections shared by several ranks), one all-reduce per mesh for
-    all of them. Call between backward and the optimizer step. Returns how many
-    gradients it reduced."""
+    """Sum the gradients that tp ranks computed in part (kv projections shared by several
+    ranks), one all-reduce per mesh for all of them. Call between backward and the
+    optimizer step. Returns how many gradients it reduced. (Norm weights under sequence
+    parallelism are summed in backward: `sequence_parallel_weight`.)"""
     by_mesh: dict = {}
     for param in module.parameters():
         grad = param.grad

@@ -172,9 +172,9 @@ class TransformerStage(Transformer):
             # under sequence parallelism the stream holds this tp rank's part of the sequence
             seqlen = x.shape[1] * (tp_size(self.tp_mesh) if self.sequence_parallel else 1)
             h = x
-        cos, sin, mask = self.block_inputs(seqlen, x.device, document_ids=document_ids)
+        freqs_cis, mask = self.block_inputs(seqlen, x.device, document_ids=document_ids)
         for layer in self.layers.values():
-            h = layer(h, cos, sin, mask=mask)
+            h = layer(h, freqs_cis, mask=mask)
         if not self.last:
             return h
         logits = self.output(self.norm(h))

@@ -483,11 +483,12 @@ def tp_collectives(model, cfg: StepConfig, tp: int, rank: Optional[PipelineRank]
     """Per optimizer step, the tensor-parallel layers' collectives. Per micro-batch
     (Megatron's minimum): per block 2 in forward, 2 in backward, each an all-reduce of the
     (batch, seq/cp, dim) activation, or a reduce-scatter + all-gather pair with sequence
-    parallelism; the forward of recomputed blocks again up to w2; the embedding's on the
-    first stage; the head's and the loss's small all-gather on the last. Per micro-step
+    parallelism, once also in a recomputed block (parallel/fsdp.py keeps their outputs);
+    the embedding's on the first stage; the head's and the loss's small all-gather on the last. Per micro-step
     without a pipeline, once per step with one: the all-reduce of each gradient the tp ranks
-    computed in part (norms under sequence parallelism, kv projections shared when
-    tp > n_kv_heads), which FSDP does when it reduces."""
+    computed in part (kv projections shared when tp > n_kv_heads), which FSDP does when it
+    reduces. Per micro-batch, under sequence parallelism: each norm weight's fp32 all-reduce
+    in backward (parallel/layers.py sequence_parallel_weight)."""
     if tp == 1:
         return []
     args = model.args
@@ -508,29 +509,26 @@ def tp_collectives(model, cfg: StepConfig, tp: int, rank: Optional[PipelineRank]
 
     block_fwd = enter("fwd") + leave("fwd") + enter("fwd") + leave("fwd")
     block_bwd = enter("bwd") + leave("bwd") + enter("bwd") + leave("bwd")
-    # Recomputation stops once the last tensor backward needs is rebuilt (the MLP's
-    # product, w2's input), so w2's collective is not repeated.
-    recompute = enter("fwd") + leave("fwd") + enter("fwd")
-    checkpointed = set(checkpointed_blocks(args.n_layers, cfg.activation_checkpointing))
-    recomputed = sum(1 for layer in rank.layers if layer in checkpointed)
     out = leave("fwd") + leave("bwd") if rank.first else []  # embedding
-    out += (block_fwd + block_bwd) * len(rank.layers) + recompute * recomputed
+    out += (block_fwd + block_bwd) * len(rank.layers)
     if rank.last:
         out += enter("fwd") + enter("bwd")  # output head
         tokens = cfg.batch * seq
         out.append(Collective("tp", "all_gather", tp * 2 * tokens * 4, tp))  # loss: (log-sum-exp, target logit) fp32
 
-    partial = []
+    partial, norms = [], []
     for name, param in model.named_parameters():
         shared_kv = name.endswith(("wk.weight", "wv.weight")) and not model.layers[0].attention.layout.kv_sharded
-        if ((sp and name.endswith("norm.weight")) or shared_kv) and _on_rank(name, rank):
+        if sp and name.endswith("norm.weight") and _on_rank(name, rank):
+            norms.append(Collective("tp", "all_reduce", param.numel() * 4, tp))  # in fp32, in each backward
+        elif shared_kv and _on_rank(name, rank):
             partial.append(Collective("tp", "all_reduce", param.numel() * cfg.compute_bytes, tp))
-    return (out * microbatches + partial) * cfg.grad_accum
+    return ((out + norms) * microbatches + partial) * cfg.grad_accum
 
 
 def cp_collectives(model, cfg: StepConfig, cp: int, rank: PipelineRank, microbatches: int) -> list:
     """Per optimizer step, context parallelism as in Llama 3: each block all-gathers its
-    keys and values over cp in forward (again when recomputed), and reduce-scatters their
+    keys and values over cp in forward (once: a recomputed block keeps them), and reduce-scatters their
     gradients in backward; each payload is the whole sequence's K (or V) for this rank's
     kv heads. (The document ids' one small gather per micro-batch is left out.)"""
     if cp == 1:
@@ -540,9 +538,7 @@ def cp_collectives(model, cfg: StepConfig, cp: int, rank: PipelineRank, microbat
     payload = cfg.compute_bytes * cfg.batch * cfg.seq_len * layout.n_local_kv_heads * args.head_dim
     gather = [Collective("cp", "all_gather", payload, cp)] * 2  # K and V
     scatter = [Collective("cp", "reduce_scatter", payload, cp)] * 2
-    checkpointed = set(checkpointed_blocks(args.n_layers, cfg.activation_checkpointing))
-    recomputed = sum(1 for layer in rank.layers if layer in checkpointed)
-    per_microbatch = (gather + scatter) * len(rank.layers) + gather * recomputed
+    per_microbatch = (gather + scatter) * len(rank.layers)
     return per_microbatch * microbatches * cfg.grad_accum
 
 

@@ -5,8 +5,8 @@ with sequence parallelism each becomes a reduce-scatter / all-gather pair. Outsi
 the blocks: the embedding's exit (1 forward; with sequence parallelism its
 all-gather backward too), the LM head's entry (1 backward, plus
 1 all-gather forward with sequence parallelism), the loss (1 small all-gather of
-per-token statistics), and, with sequence parallelism, one all-reduce that sums all
-norm-weight gradients at once."""
+per-token statistics), and, with sequence parallelism, one small fp32 all-reduce per
+norm weight in backward (2 per block, 1 for the final norm) that sums its gradient."""
 
 import pytest
 import torch
@@ -54,8 +54,179 @@ def test_collectives_per_step_are_the_megatron_minimum_at_tp2():
 
     one, two = counts[(1, True)], counts[(2, True)]
     # embedding exit 1 RS forward, 1 AG backward; block 2 AG + 2 RS forward, 2 RS + 2 AG
-    # backward; head entry 1 AG forward, 1 RS backward; loss 1 AG; norm gradients 1 AR
-    assert one == {"reduce_scatter_tensor": 6, "all_gather_into_tensor": 7, "all_reduce": 1}
-    assert two == {"reduce_scatter_tensor": 10, "all_gather_into_tensor": 11, "all_reduce": 1}
+    # backward; head entry 1 AG forward, 1 RS backward; loss 1 AG; norm gradients 1 AR per
+    # norm (2 per block, the final norm's)
+    assert one == {"reduce_scatter_tensor": 6, "all_gather_into_tensor": 7, "all_reduce": 3}
+    assert two == {"reduce_scatter_tensor": 10, "all_gather_into_tensor": 11, "all_reduce": 5}
     per_block = {k: two[k] - one.get(k, 0) for k in two}
-    assert per_block == {"reduce_scatter_tensor": 4, "all_gather_into_tensor": 4, "all_reduce": 0}
+    assert per_block == {"reduce_scatter_tensor": 4, "all_gather_into_tensor": 4, "all_reduce": 2}
+
+
+# ---------------------------------------------------------------- activation checkpointing
+
+
+def _recomputed_step(mesh_dim: str, sequence_parallel: bool, checkpointing: str) -> tuple:
+    """(collectives per op, gradients, loss) of one forward + backward of a 2-block model on
+    a 1-D mesh of every rank: tp (with or without sequence parallelism) or cp."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from parallel.context import split_for_cp
+    from parallel.fsdp import apply_activation_checkpointing
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=(mesh_dim,))
+    tp, cp = (mesh, None) if mesh_dim == "tp" else (None, mesh)
+    args = ModelArgs(**{**ARGS.to_dict(), "n_layers": 2})
+    with torch.device("meta"):
+        model = Transformer(args, tp, sequence_parallel=sequence_parallel, cp_mesh=cp)
+    model.init_weights(seed=0)
+    apply_activation_checkpointing(model, checkpointing)
+    tokens, targets = (split_for_cp(t, cp) for t in batch(args))
+    with CommDebugMode() as comm:
+        loss = vocab_parallel_cross_entropy(model(tokens), targets)
+        loss.backward()
+        reduce_partial_gradients(model)
+    counts = {}
+    for op, n in comm.get_comm_counts().items():
+        name = str(op).split(".")[-1]
+        counts[name] = counts.get(name, 0) + n
+    # as numpy: tensors would travel back through shared memory that dies with the rank
+    grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).numpy() for name, p in model.named_parameters()}
+    return counts, grads, loss.item()
+
+
+def _with_and_without_checkpointing() -> dict:
+    cases = {"tp": ("tp", False), "tp+sp": ("tp", True), "cp": ("cp", False)}
+    return {case: {mode: _recomputed_step(*how, mode) for mode in ("none", "full")} for case, how in cases.items()}
+
+
+def test_recomputed_blocks_send_no_collective_again():
+    """Under activation checkpointing every block's forward runs again in backward; its tp
+    collectives and the cp K/V all-gather are not sent again (parallel/fsdp.py keeps
+    their outputs), so the counts stay Megatron's minimum, and the gradients are those of
+    the run without checkpointing. 2 ranks: tp 2, tp 2 with sequence parallelism, cp 2."""
+    results = run_on_ranks(_with_and_without_checkpointing, 2)[0]
+    # 2 blocks: see test_collectives_per_step_are_the_megatron_minimum_at_tp2 and, for cp,
+    # tests/test_context_parallel.py (per block one K/V all-gather, one reduce-scatter)
+    minimum = {
+        "tp": {"all_reduce": 10, "all_gather_into_tensor": 1},
+        "tp+sp": {"reduce_scatter_tensor": 10, "all_gather_into_tensor": 11, "all_reduce": 5},
+        "cp": {"all_gather_into_tensor": 2, "reduce_scatter_tensor": 2},
+    }
+    for case, runs in results.items():
+        (plain, plain_grads, plain_loss), (recomputed, grads, loss) = runs["none"], runs["full"]
+        assert plain == minimum[case], case
+        assert recomputed == plain, f"{case}: with checkpointing {recomputed}, without {plain}"
+        assert abs(loss - plain_loss) <= 1e-6, case
+        for name, grad in grads.items():
+            assert abs(grad - plain_grads[name]).max() <= 1e-5, f"{case}: {name}"
+
+
+# ---------------------------------------------------------------- norm gradients in fp32
+
+
+def _all_reduce_dtypes(model, args) -> list:
+    """(dtype, numel) of every all-reduce in one forward + backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class AllReduces(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name == "_c10d_functional::all_reduce":
+                self.seen.append((str(args[0].dtype), args[0].numel()))
+            return func(*args, **(kwargs or {}))
+
+    tokens, targets = batch(args)
+    with AllReduces() as reduces:
+        vocab_parallel_cross_entropy(model(tokens), targets).backward()
+    return reduces.seen
+
+
+def _bf16_norm_gradient_reductions() -> dict:
+    from parallel.fsdp import build_parallel_model
+    from parallel.mesh import build_mesh
+
+    args = ModelArgs(**{**ARGS.to_dict(), "n_layers": 2})
+    with torch.device("meta"):
+        plain = Transformer(args, tp_mesh(), sequence_parallel=True)
+    plain.init_weights(seed=0).to(torch.bfloat16)
+    fsdp = build_parallel_model(args, build_mesh(tp=2), sequence_parallel=True, mixed_precision="bf16")
+    return {"bf16 params": _all_reduce_dtypes(plain, args), "FSDP bf16 mixed precision": _all_reduce_dtypes(fsdp, args)}
+
+
+def test_norm_weight_gradients_are_summed_over_tp_in_fp32_under_bf16():
+    """Under sequence parallelism each tp rank's norm-weight gradient is its share of the
+    sum; the shares are summed in fp32 (parallel/layers.py sequence_parallel_weight), with
+    bf16 parameters and under FSDP's bf16 mixed precision alike: 5 all-reduces of dim
+    elements (2 blocks x 2 norms + the final norm), every one on an fp32 tensor."""
+    for case, seen in run_on_ranks(_bf16_norm_gradient_reductions, 2)[0].items():
+        norms = [dtype for dtype, numel in seen if numel == ARGS.dim]
+        assert norms == ["torch.float32"] * 5, f"{case}: {seen}"
+
+
+# ---------------------------------------------------------------- copies around the collectives
+
+
+def _copied_bytes(fn) -> int:
+    """Bytes written by the ops fn runs besides the collectives: views, allocations and
+    the collectives' own buffers are free."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    free = {"empty", "new_empty", "empty_like", "empty_strided"}
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            namespace, name = func._schema.name.split("::")
+            if namespace == "aten" and not func.is_view and name not in free:
+                outputs = out if isinstance(out, (tuple, list)) else [out]
+                # an in-place copy writes its destination; others their outputs
+                self.bytes += sum(t.numel() * t.element_size() for t in outputs if isinstance(t, torch.Tensor))
+            return out
+
+    with Copies() as copies:
+        fn()
+    return copies.bytes
+
+
+def _copies_per_collective() -> dict:
+    """Per batch size: bytes copied by each sequence gather / scatter (forward, backward), in
+    units of the whole-sequence tensor's bytes."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from parallel.compat import all_gather_along, reduce_scatter_along
+    from parallel.context import gather_for_cp
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
+    out = {}
+    for bsz in (1, 2):
+        whole = torch.randn(bsz, 16, 4, 8)  # (batch, seq, heads, head_dim): K and V under cp
+        part = torch.randn(bsz, 8, 4, 8, requires_grad=True)
+        units = whole.numel() * whole.element_size()
+        gathered = gather_for_cp(part, mesh)
+        out[bsz] = {
+            "all_gather_along seq": _copied_bytes(lambda: all_gather_along(part.detach(), 1, mesh)) / units,
+            "reduce_scatter_along seq": _copied_bytes(lambda: reduce_scatter_along(whole, 1, mesh)) / units,
+            "cp gather forward": _copied_bytes(lambda: gather_for_cp(part, mesh)) / units,
+            "cp gather backward": _copied_bytes(lambda: torch.autograd.grad(gathered, part, whole)) / units,
+        }
+    return out
+
+
+def test_sequence_gathers_and_scatters_copy_no_more_than_the_layout_needs():
+    """The collectives run on dim 0; along the sequence (dim 1) a batch of 1 has the same
+    layout, a larger batch needs one copy of the tensor to interleave the ranks' parts.
+    Context parallelism's reordering of the chunks is that one copy, forward and backward
+    (parallel/context.py), not a second one after torch's."""
+    copies = run_on_ranks(_copies_per_collective, 2)[0]
+    assert copies[1] == {"all_gather_along seq": 0, "reduce_scatter_along seq": 0, "cp gather forward": 1, "cp gather backward": 1}
+    assert copies[2] == {"all_gather_along seq": 1, "reduce_scatter_along seq": 1, "cp gather forward": 1, "cp gather backward": 1}

@@ -163,6 +163,46 @@ def test_attention_in_runs_of_queries_equals_one_call_over_the_whole_square(monk
     assert complete and worst <= TOL, f"a gradient differs by {worst:.3g}"
 
 
+def test_block_masks_are_built_by_one_compiled_create_block_mask(monkeypatch):
+    """On CUDA create_block_mask runs compiled: torch.compile wraps it once per process,
+    not once per forward, and dynamo traces it once for the mask function's code however
+    the captured ids change (a new closure every forward). On CPU the CUDA branch is taken
+    by hand, with dynamo's eager backend (tracing without inductor); the block masks equal
+    eager create_block_mask's."""
+    import functools
+
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    import llama.masks as masks
+
+    compiles, real_compile = [], torch.compile
+
+    def counting_compile(fn, **options):
+        compiles.append(fn)
+        return real_compile(fn, **{**options, "backend": "eager"})
+
+    eager = functools.partial(create_block_mask, B=len(ROWS), H=None, Q_LEN=SEQ, KV_LEN=SEQ, device="cpu")
+    monkeypatch.setattr(masks, "compiles_block_masks", lambda device: True)
+    monkeypatch.setattr(masks, "_compiled_create_block_mask", None)
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    torch._dynamo.reset()
+    counters.clear()
+    for lengths in (ROWS, ([8, 8], [3, 13])):
+        ids = torch.tensor([[d for d, n in enumerate(row) for _ in range(n)] for row in lengths])
+        block = document_mask(ids, "flex").block
+        want = eager(lambda b, h, q, k: (ids[b, q] == ids[b, k]) & (q >= k))
+        assert torch.equal(block.to_dense(), want.to_dense())
+    assert compiles == [create_block_mask]
+    assert counters["stats"]["unique_graphs"] == 1
+
+    positions = torch.tensor([0, 1, 6, 7])  # cp rank 0 of 2 on 8 tokens: chunks 0 and 3
+    block = masks.context_parallel_mask(positions, 8, kernel="flex").block
+    want = create_block_mask(lambda b, h, q, k: positions[q] >= k, None, None, 4, 8, device="cpu")
+    assert torch.equal(block.to_dense(), want.to_dense())
+    assert compiles == [create_block_mask]
+
+
 def test_bad_document_ids_get_one_clear_line():
     tokens, _, ids = packed_batch()
     model = Transformer(ARGS).init_weights(seed=3)

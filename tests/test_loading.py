@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 import llama.weights as weights
 from llama.weights import TensorInfo, read_block_, read_header
+from parallel.spawn import run_on_ranks
 
 # 405B, tp 8, bf16: w2 is [dim, ffn] split by columns (Shard(1)), as is wo [dim, dim]
 DIM, FFN, TP = 16384, 53248, 8
@@ -142,3 +143,90 @@ def test_a_405b_column_shard_at_tp8_takes_tens_of_reads_not_one_per_row(name, sh
 def test_a_405b_row_shard_at_tp8_is_one_read():
     index = (slice(3 * FFN // TP, 4 * FFN // TP), slice(0, DIM))  # w1
     assert plan((FFN, DIM), index) == [(3 * FFN // TP * DIM * 2, FFN // TP * DIM * 2, [(3 * FFN // TP * DIM * 2, FFN // TP * DIM * 2)])]
+
+
+# ---------------------------------------------------------------- DCP training checkpoints
+
+
+def _bytes_read_per_dcp_load():
+    """Each rank's stored bytes that FileSystemReader read (the chunks its load plan asked
+    for) in load_model of a DCP checkpoint."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    log, real = [], FileSystemReader.read_data
+
+    def counting(self, plan, planner):
+        log.extend(self.storage_data[item.storage_index].length for item in plan.items)
+        return real(self, plan, planner)
+
+    FileSystemReader.read_data = counting
+    return log, lambda: setattr(FileSystemReader, "read_data", real)
+
+
+def _load_a_tp2_training_checkpoint(directory: str, args) -> dict:
+    """Write a training checkpoint from a tp 2 model (DCP, "model.<name>" keys, as train.py
+    does), then load it with load_model on tp 2 and count the bytes each rank reads."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from llama import Transformer, load_model
+    from llama.weights import write_model_args
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
+    with torch.device("meta"):
+        trained = Transformer(args, mesh)
+    trained.init_weights(seed=5)
+    dcp.save({"model": dict(trained.named_parameters())}, checkpoint_id=directory)
+    if dist.get_rank() == 0:
+        write_model_args(args, directory)
+    dist.barrier()
+
+    log, restore = _bytes_read_per_dcp_load()
+    try:
+        model = load_model(directory, tp_mesh=mesh)
+    finally:
+        restore()
+    tokens = torch.randint(0, args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(tokens).full_tensor()
+    sharded = {
+        name: not all(p.is_replicate() for p in param.placements)
+        for name, param in model.named_parameters() if isinstance(param, DTensor)
+    }
+    return {"read": sum(log), "logits": logits.numpy(), "sharded": sharded}
+
+
+def test_a_dcp_checkpoint_loads_on_tp2_with_each_rank_reading_its_half(tmp_path):
+    """load_model of a training checkpoint (a DCP directory) written at tp 2 and loaded at
+    tp 2: each rank reads the stored chunks of its own shards, half of every sharded tensor
+    (and the replicated norms whole), not all of it; the logits are one device's."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from llama import ModelArgs, Transformer, load_model
+
+    args = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=32)
+    directory = str(tmp_path / "step_00000001")
+    results = run_on_ranks(_load_a_tp2_training_checkpoint, 2, directory, args)
+
+    metadata = FileSystemReader(directory).read_metadata()
+    stored = {}  # tensor key -> bytes of its stored chunks
+    for index, info in metadata.storage_data.items():
+        stored[index.fqn] = stored.get(index.fqn, 0) + info.length
+    sharded = results[0]["sharded"]
+    sharded_bytes = sum(n for key, n in stored.items() if sharded[key.removeprefix("model.")])
+    replicated_bytes = sum(stored.values()) - sharded_bytes
+    for rank, result in enumerate(results):
+        half = sharded_bytes / 2 + replicated_bytes
+        assert abs(result["read"] - half) <= 0.01 * half, (
+            f"rank {rank} read {result['read']} bytes; its half is {half:.0f} of {sum(stored.values())}")
+
+    # one device: the same values, initialised without a mesh, and the checkpoint loaded whole
+    tokens = torch.randint(0, args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = Transformer(args).init_weights(seed=5)(tokens)
+        whole = load_model(directory)(tokens)
+    torch.testing.assert_close(whole, want, rtol=0, atol=1e-5)
+    for result in results:
+        torch.testing.assert_close(torch.from_numpy(result["logits"]), want, rtol=0, atol=1e-5)

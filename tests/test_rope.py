@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from llama.config import PRESETS
 from llama.model import TransformerBlock
-from llama.rope import apply_rope, rope_table
+from llama.rope import apply_rope, rope_table, rotation_tables
 
 ARGS = dataclasses.replace(PRESETS["debug"], max_seq_len=64)  # head_dim 32, llama3 scaling on
 TOL = 1e-6
@@ -122,7 +122,7 @@ def explain_a_block(cos, sin, *rest):
     block = TransformerBlock(0, ARGS)
     for param in block.parameters():
         torch.nn.init.normal_(param, std=0.02)
-    return torch._dynamo.explain(block)(torch.randn(2, 16, ARGS.dim), cos, sin, *rest)
+    return torch._dynamo.explain(block)(torch.randn(2, 16, ARGS.dim), rotation_tables(cos, sin), *rest)
 
 
 @pytest.mark.parametrize("per_token", [False, True], ids=["shared-positions", "per-document-positions"])
@@ -147,3 +147,66 @@ def test_a_block_attending_in_runs_of_queries_compiles_without_graph_breaks(monk
     explained = explain_a_block(*rope_table(ARGS, 16), 0, None, mask)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
+
+
+# ---------------------------------------------------------------- once per forward
+
+
+def _count_rotation_tables(monkeypatch) -> list:
+    import llama.model
+
+    calls = []
+
+    def counted(cos, sin):
+        calls.append(tuple(cos.shape))
+        return rotation_tables(cos, sin)
+
+    monkeypatch.setattr(llama.model, "rotation_tables", counted)
+    return calls
+
+
+def _complex_rope_logits(model, tokens) -> torch.Tensor:
+    """The model's logits with every layer rotating q and k by the complex formula itself,
+    from its own table rows: what the model computed before the tables were shared."""
+    import llama.model
+
+    cos, sin = rope_table(model.args, tokens.shape[1])
+
+    def complex_per_layer(xq, xk, freqs_cis):
+        return complex_rope(xq, cos, sin), complex_rope(xk, cos, sin)
+
+    original = llama.model.apply_rotary_emb
+    llama.model.apply_rotary_emb = complex_per_layer
+    try:
+        return model(tokens)
+    finally:
+        llama.model.apply_rotary_emb = original
+
+
+def test_rope_tables_are_built_once_per_forward_whatever_the_depth(monkeypatch):
+    """Transformer.forward builds the rotation tables of its positions once and every layer
+    reads them (as Meta slices freqs_cis once): one build per forward for 4 layers, with
+    shared positions, per-document positions and a KV-cache step; the logits equal those
+    of rotating q and k by the complex formula in each layer."""
+    from llama import Transformer
+
+    calls = _count_rotation_tables(monkeypatch)
+    args = dataclasses.replace(ARGS, n_layers=4)
+    model = Transformer(args).init_weights(seed=0)
+    tokens = torch.randint(0, args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(tokens)
+        assert calls == [(12, args.head_dim // 2)]
+        want = _complex_rope_logits(model, tokens)
+        torch.testing.assert_close(logits, want, rtol=0, atol=1e-5)
+
+        calls.clear()
+        document_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
+        model(tokens, document_ids=document_ids)
+        assert calls == [(2, 12, args.head_dim // 2)]
+
+        calls.clear()
+        cache = model.new_kv_cache(2, 16)
+        model(tokens, 0, cache)
+        model(tokens[:, :1], 12, cache)
+        assert calls == [(12, args.head_dim // 2), (1, args.head_dim // 2)]
