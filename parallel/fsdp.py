@@ -36,7 +36,7 @@ from typing import Optional, Union
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
+from torch.utils.checkpoint import checkpoint
 
 from llama.config import ModelArgs
 from llama.model import Transformer
@@ -123,34 +123,10 @@ def checkpointed_blocks(n_layers: int, mode: str) -> list:
     return []
 
 
-# The functional collectives of the tp layers and of context parallelism (parallel/compat.py),
-# by the ops underneath, which every admitted torch names alike. A recomputed forward takes
-# their outputs from the first forward instead of sending them again: the block's tp
-# all-reduces (all-gathers and reduce-scatters with sequence parallelism) and the cp K/V
-# all-gather stay at one each, Megatron's minimum. wait_tensor returns its input once the
-# collective is done, so its replay waits on nothing. The price: a checkpointed block keeps
-# those outputs (its region inputs, row-parallel outputs and gathered K/V) besides its input.
-SAVED_COLLECTIVES = frozenset(
-    getattr(torch.ops._c10d_functional, name).default
-    for name in ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "wait_tensor")
-)
-
-
-def keep_collective_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """The selective activation-checkpointing policy: collectives saved, the rest recomputed."""
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_COLLECTIVES else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _saving_collectives():
-    return create_selective_checkpoint_contexts(keep_collective_outputs)
-
-
-def _recompute_in_backward(forward, keep_collectives: bool):
-    context_fn = _saving_collectives if keep_collectives else noop_context_fn
-
+def _recompute_in_backward(forward):
     @functools.wraps(forward)
     def run(*args, **kwargs):
-        return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     return run
 
@@ -163,20 +139,16 @@ def blocks(model: Transformer) -> list:
     return list(enumerate(model.layers))
 
 
-def apply_activation_checkpointing(model: Transformer, mode: str, compiled: bool = False) -> None:
+def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
     # The block's forward is wrapped in place rather than the block in a wrapper module:
     # parameter names stay Meta's (`layers.0.attention.wq.weight`), which checkpoint
     # loading and DCP rely on. FSDP's hooks sit outside, so recomputation re-gathers nothing.
     # Block ids are the whole model's, so a pipeline stage recomputes the blocks it would
     # recompute without a pipeline.
-    # `compiled`: the blocks' forwards are torch.compile's (apply_compile). Their collectives
-    # are inductor's own, in place into buffers it reuses (all_reduce_), so outputs cached
-    # around the compiled graph would be overwritten or replayed unwaited, giving wrong
-    # gradients; a compiled block recomputes its collectives.
     chosen = set(checkpointed_blocks(model.args.n_layers, mode))
     for i, block in blocks(model):
         if i in chosen:
-            block.forward = _recompute_in_backward(block.forward, keep_collectives=not compiled)
+            block.forward = _recompute_in_backward(block.forward)
 
 
 def apply_compile(model: Transformer, backend: str = "inductor") -> None:
@@ -272,7 +244,7 @@ def build_parallel_model(
         apply_compile(model, "inductor" if compile is True else compile)
     # after compile: checkpoint runs eagerly around the compiled block (traced inside a
     # graph, the checkpoint would have to save the tp layers' DeviceMesh, which it cannot)
-    apply_activation_checkpointing(model, activation_checkpointing, compiled=bool(compile))
+    apply_activation_checkpointing(model, activation_checkpointing)
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     apply_fsdp(model, mesh, plan, mp_policy, offload)
     if not materialize:

@@ -483,8 +483,8 @@ def tp_collectives(model, cfg: StepConfig, tp: int, rank: Optional[PipelineRank]
     """Per optimizer step, the tensor-parallel layers' collectives. Per micro-batch
     (Megatron's minimum): per block 2 in forward, 2 in backward, each an all-reduce of the
     (batch, seq/cp, dim) activation, or a reduce-scatter + all-gather pair with sequence
-    parallelism, once also in a recomputed block (parallel/fsdp.py keeps their outputs);
-    the embedding's on the first stage; the head's and the loss's small all-gather on the last. Per micro-step
+    parallelism; the forward of recomputed blocks again up to w2; the embedding's on the
+    first stage; the head's and the loss's small all-gather on the last. Per micro-step
     without a pipeline, once per step with one: the all-reduce of each gradient the tp ranks
     computed in part (kv projections shared when tp > n_kv_heads), which FSDP does when it
     reduces. Per micro-batch, under sequence parallelism: each norm weight's fp32 all-reduce
@@ -509,8 +509,13 @@ def tp_collectives(model, cfg: StepConfig, tp: int, rank: Optional[PipelineRank]
 
     block_fwd = enter("fwd") + leave("fwd") + enter("fwd") + leave("fwd")
     block_bwd = enter("bwd") + leave("bwd") + enter("bwd") + leave("bwd")
+    # Recomputation stops once the last tensor backward needs is rebuilt (the MLP's
+    # product, w2's input), so w2's collective is not repeated.
+    recompute = enter("fwd") + leave("fwd") + enter("fwd")
+    checkpointed = set(checkpointed_blocks(args.n_layers, cfg.activation_checkpointing))
+    recomputed = sum(1 for layer in rank.layers if layer in checkpointed)
     out = leave("fwd") + leave("bwd") if rank.first else []  # embedding
-    out += (block_fwd + block_bwd) * len(rank.layers)
+    out += (block_fwd + block_bwd) * len(rank.layers) + recompute * recomputed
     if rank.last:
         out += enter("fwd") + enter("bwd")  # output head
         tokens = cfg.batch * seq
@@ -528,7 +533,7 @@ def tp_collectives(model, cfg: StepConfig, tp: int, rank: Optional[PipelineRank]
 
 def cp_collectives(model, cfg: StepConfig, cp: int, rank: PipelineRank, microbatches: int) -> list:
     """Per optimizer step, context parallelism as in Llama 3: each block all-gathers its
-    keys and values over cp in forward (once: a recomputed block keeps them), and reduce-scatters their
+    keys and values over cp in forward (again when recomputed), and reduce-scatters their
     gradients in backward; each payload is the whole sequence's K (or V) for this rank's
     kv heads. (The document ids' one small gather per micro-batch is left out.)"""
     if cp == 1:
@@ -538,7 +543,9 @@ def cp_collectives(model, cfg: StepConfig, cp: int, rank: PipelineRank, microbat
     payload = cfg.compute_bytes * cfg.batch * cfg.seq_len * layout.n_local_kv_heads * args.head_dim
     gather = [Collective("cp", "all_gather", payload, cp)] * 2  # K and V
     scatter = [Collective("cp", "reduce_scatter", payload, cp)] * 2
-    per_microbatch = (gather + scatter) * len(rank.layers)
+    checkpointed = set(checkpointed_blocks(args.n_layers, cfg.activation_checkpointing))
+    recomputed = sum(1 for layer in rank.layers if layer in checkpointed)
+    per_microbatch = (gather + scatter) * len(rank.layers) + gather * recomputed
     return per_microbatch * microbatches * cfg.grad_accum
 
 

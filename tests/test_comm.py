@@ -62,67 +62,6 @@ def test_collectives_per_step_are_the_megatron_minimum_at_tp2():
     assert per_block == {"reduce_scatter_tensor": 4, "all_gather_into_tensor": 4, "all_reduce": 2}
 
 
-# ---------------------------------------------------------------- activation checkpointing
-
-
-def _recomputed_step(mesh_dim: str, sequence_parallel: bool, checkpointing: str) -> tuple:
-    """(collectives per op, gradients, loss) of one forward + backward of a 2-block model on
-    a 1-D mesh of every rank: tp (with or without sequence parallelism) or cp."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.debug import CommDebugMode
-
-    from parallel.context import split_for_cp
-    from parallel.fsdp import apply_activation_checkpointing
-
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=(mesh_dim,))
-    tp, cp = (mesh, None) if mesh_dim == "tp" else (None, mesh)
-    args = ModelArgs(**{**ARGS.to_dict(), "n_layers": 2})
-    with torch.device("meta"):
-        model = Transformer(args, tp, sequence_parallel=sequence_parallel, cp_mesh=cp)
-    model.init_weights(seed=0)
-    apply_activation_checkpointing(model, checkpointing)
-    tokens, targets = (split_for_cp(t, cp) for t in batch(args))
-    with CommDebugMode() as comm:
-        loss = vocab_parallel_cross_entropy(model(tokens), targets)
-        loss.backward()
-        reduce_partial_gradients(model)
-    counts = {}
-    for op, n in comm.get_comm_counts().items():
-        name = str(op).split(".")[-1]
-        counts[name] = counts.get(name, 0) + n
-    # as numpy: tensors would travel back through shared memory that dies with the rank
-    grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).numpy() for name, p in model.named_parameters()}
-    return counts, grads, loss.item()
-
-
-def _with_and_without_checkpointing() -> dict:
-    cases = {"tp": ("tp", False), "tp+sp": ("tp", True), "cp": ("cp", False)}
-    return {case: {mode: _recomputed_step(*how, mode) for mode in ("none", "full")} for case, how in cases.items()}
-
-
-def test_recomputed_blocks_send_no_collective_again():
-    """Under activation checkpointing every block's forward runs again in backward; its tp
-    collectives and the cp K/V all-gather are not sent again (parallel/fsdp.py keeps
-    their outputs), so the counts stay Megatron's minimum, and the gradients are those of
-    the run without checkpointing. 2 ranks: tp 2, tp 2 with sequence parallelism, cp 2."""
-    results = run_on_ranks(_with_and_without_checkpointing, 2)[0]
-    # 2 blocks: see test_collectives_per_step_are_the_megatron_minimum_at_tp2 and, for cp,
-    # tests/test_context_parallel.py (per block one K/V all-gather, one reduce-scatter)
-    minimum = {
-        "tp": {"all_reduce": 10, "all_gather_into_tensor": 1},
-        "tp+sp": {"reduce_scatter_tensor": 10, "all_gather_into_tensor": 11, "all_reduce": 5},
-        "cp": {"all_gather_into_tensor": 2, "reduce_scatter_tensor": 2},
-    }
-    for case, runs in results.items():
-        (plain, plain_grads, plain_loss), (recomputed, grads, loss) = runs["none"], runs["full"]
-        assert plain == minimum[case], case
-        assert recomputed == plain, f"{case}: with checkpointing {recomputed}, without {plain}"
-        assert abs(loss - plain_loss) <= 1e-6, case
-        for name, grad in grads.items():
-            assert abs(grad - plain_grads[name]).max() <= 1e-5, f"{case}: {name}"
-
-
 # ---------------------------------------------------------------- norm gradients in fp32
 
 

@@ -336,18 +336,15 @@ def test_2d_plan_is_unchanged_by_pp_1_cp_1():
     gains its `estimate`)."""
     cfg = StepConfig(seq_len=8192, batch=1, sequence_parallel=True, activation_checkpointing="full")
     plans = plan(PRESETS["3.1-405b"], 128, 8, 2, cfg, layout=Layout(pp=1, cp=1))
-    # (params/rank, gathered, unsharded grads, activations, attention, total), wire bytes per
-    # dim; tp's since recomputed blocks keep their collectives' outputs (parallel/fsdp.py) and
-    # norm-weight gradients are summed in fp32 (parallel/layers.py)
-    before = {
+    before = {  # (params/rank, gathered, unsharded grads, activations, attention, total), wire bytes per dim
         "full": ((3170956288, 2119335936, 796983296, 7190085632, 134807552, 73835099750),
-                 {"dp": 380022220800, "tp": 237729071104, "world": 16}),
+                 {"dp": 380022220800, "tp": 326514098176, "world": 16}),
         "grad_op": ((3170956288, 101470601216, 796983296, 7190085632, 134807552, 188089054822),
-                    {"dp": 285386065920, "tp": 237729071104, "world": 16}),
+                    {"dp": 285386065920, "tp": 326514098176, "world": 16}),
         "hybrid": ((6341912576, 2119335936, 796983296, 7190085632, 134807552, 132717566362),
-                   {"dp_shard": 354687406080, "dp_replicate": 25367650304, "tp": 237729071104, "world": 16}),
+                   {"dp_shard": 354687406080, "dp_replicate": 25367650304, "tp": 326514098176, "world": 16}),
         "hybrid_zero2": ((6341912576, 101470601216, 796983296, 7190085632, 134807552, 246971521434),
-                         {"dp_shard": 266360328192, "dp_replicate": 25367650304, "tp": 237729071104, "world": 16}),
+                         {"dp_shard": 266360328192, "dp_replicate": 25367650304, "tp": 326514098176, "world": 16}),
     }
     keys = ("params_per_rank", "gathered_param_bytes", "unsharded_grad_bytes", "activation_bytes",
             "attention_workspace_bytes", "total_bytes")
