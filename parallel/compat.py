@@ -32,7 +32,6 @@ import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 
 TORCH_VERSION = torch.torch_version.TorchVersion(torch.__version__.split("+")[0])
-TORCH_FLOOR = "2.11"
 
 _all_gather_along = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 _reduce_scatter_along = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor

@@ -42,14 +42,20 @@ def tp_rank(mesh: Optional[DeviceMesh]) -> int:
 
 
 class _CopyToRegion(torch.autograd.Function):
+    """Identity forward; backward sums the tp ranks' gradients. With `sum_dtype` (a norm
+    weight's shares, in fp32) the sum runs in that dtype and rounds once at the end, where
+    a bf16 all-reduce would round at every step of its ring."""
+
     @staticmethod
-    def forward(ctx, x, mesh):
-        ctx.mesh = mesh
+    def forward(ctx, x, mesh, sum_dtype=None):
+        ctx.mesh, ctx.sum_dtype = mesh, sum_dtype
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return all_reduce_sum(grad, ctx.mesh), None
+        if ctx.sum_dtype is None:
+            return all_reduce_sum(grad, ctx.mesh), None, None
+        return all_reduce_sum(grad.to(ctx.sum_dtype), ctx.mesh).to(grad.dtype), None, None
 
 
 class _ReduceFromRegion(torch.autograd.Function):
@@ -82,21 +88,6 @@ class _ScatterSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return all_gather_along(grad, SEQ_DIM, ctx.mesh), None
-
-
-class _SumGradInFp32(torch.autograd.Function):
-    """Identity forward; backward sums the tp ranks' shares of the gradient in fp32, one
-    rounding to the parameter's dtype at the end (a bf16 all-reduce would round at every
-    step of its ring)."""
-
-    @staticmethod
-    def forward(ctx, x, mesh):
-        ctx.mesh = mesh
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_reduce_sum(grad.float(), ctx.mesh).to(grad.dtype), None
 
 
 def _leave_region(x: torch.Tensor, mesh: Optional[DeviceMesh], sequence_parallel: bool) -> torch.Tensor:
@@ -171,7 +162,7 @@ def sequence_parallel_weight(param: torch.Tensor, tp_mesh: Optional[DeviceMesh])
     weight = local_tensor(param)
     if tp_size(tp_mesh) == 1:
         return weight
-    return _SumGradInFp32.apply(weight, tp_mesh)
+    return _CopyToRegion.apply(weight, tp_mesh, torch.float32)
 
 
 def reduce_partial_gradients(module: nn.Module) -> int:
