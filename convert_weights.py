@@ -34,20 +34,19 @@ from typing import Callable, Optional
 import torch
 
 from llama.config import ModelArgs
-from llama.sources import Source, SourceTensor, check_source, meta_to_hf_rope, open_source, rope_heads, to_hf_name
-from llama.weights import (
-    ARGS_FILE,
-    INDEX_FILE,
-    SINGLE_FILE,
+from llama.weights.format import ARGS_FILE, INDEX_FILE, SINGLE_FILE, write_model_args
+from llama.weights.kinds import open_source
+from llama.weights.loading import verify_checkpoint
+from llama.weights.names import meta_to_hf_rope, rope_heads, to_hf_name
+from llama.weights.safetensors_io import (
     SafetensorsWriter,
     copy_file,
     header_bytes,
     nbytes_of,
     read_header,
     tensor_bytes,
-    verify_checkpoint,
-    write_model_args,
 )
+from llama.weights.source import Source, SourceTensor, check_source
 
 DEFAULT_SHARD_SIZE = "5GB"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

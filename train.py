@@ -33,7 +33,7 @@ from llama.data import (
 from llama.metrics import MemorySnapshot, MetricsLog, StepProfiler, drop_metrics_after, log_line, parse_step_range
 from llama.run_config import parse_with_config, write_config
 from llama.tokenizer import load_tokenizer
-from llama.weights import read_model_args
+from llama.weights.format import read_model_args
 from parallel.checkpoint import (
     CheckpointError, Checkpointer, checkpoint_name, decide_resume, fault_injection, load_checkpoint)
 from parallel.control import control_group, rank0_first

@@ -20,10 +20,10 @@ pass/fail:
                with posix_fadvise; page-granular, and a page holding two ranks' columns is
                charged to whichever rank reads it first), both from /proc/self/io. Goal:
                <= 1.1x the rank's shard for row-split tensors. Column-split ones (wo, w2)
-               are read in bands of whole rows (llama/weights.py: few large reads instead
+               are read in bands of whole rows (llama/weights/safetensors_io.py: few large reads instead
                of one per row), about tp x their shard from the page cache; storage still
-               serves each byte once per node. Set llama.weights.MAX_HOLE_BYTES = 0 for
-               exact per-row reads.
+               serves each byte once per node. Set llama.weights.safetensors_io.MAX_HOLE_BYTES = 0
+               for exact per-row reads.
 
   PYTHONPATH=. python bench/bench_convert.py [--layers 9] [--keep]
 """
@@ -46,8 +46,8 @@ sys.path.insert(0, str(REPO))
 
 from convert_weights import hf_config_from_args  # noqa: E402
 from llama import ModelArgs  # noqa: E402
-from llama.sources import to_hf_name  # noqa: E402
-from llama.weights import SafetensorsWriter, expected_shapes, nbytes_of  # noqa: E402
+from llama.weights.names import expected_shapes, to_hf_name  # noqa: E402
+from llama.weights.safetensors_io import SafetensorsWriter, nbytes_of  # noqa: E402
 from parallel.spawn import run_on_ranks  # noqa: E402
 
 SHARD_BYTES = 600_000_000
@@ -142,10 +142,10 @@ def _load_worker(path: str):
     from torch.distributed.device_mesh import init_device_mesh
 
     from llama import Transformer, load_model
-    from llama.weights import read_model_args
+    from llama.weights.format import read_model_args
     from parallel.layers import local_tensor
 
-    import llama.weights
+    import llama.weights.safetensors_io
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
     with torch.device("meta"):  # warm-up: the modules DTensor imports lazily are read now, not counted below
@@ -158,13 +158,13 @@ def _load_worker(path: str):
         tensor_bytes[0] += n
         return n
 
-    llama.weights.os.preadv = counting_preadv
+    llama.weights.safetensors_io.os.preadv = counting_preadv
     before = io_counters()
     t0 = time.perf_counter()
     model = load_model(path, tp_mesh=mesh, dtype=torch.bfloat16)
     seconds = time.perf_counter() - t0
     after = io_counters()
-    llama.weights.os.preadv = real_preadv
+    llama.weights.safetensors_io.os.preadv = real_preadv
     shard = sum(local_tensor(p).numel() * p.dtype.itemsize for p in model.parameters())
     return {
         "rchar": after["rchar"] - before["rchar"],

@@ -1,7 +1,8 @@
 """Benchmark the loader's reads on one 405B-shaped transformer layer at tp 8: per rank, the
 bytes its preads return and the number of read calls, before (one read per run: a column
 shard is one read per row) and after (runs with small holes between them read as bands of
-whole rows, llama.weights.MAX_HOLE_BYTES / BAND_BYTES). Prints figures, not pass/fail.
+whole rows, llama.weights.safetensors_io.MAX_HOLE_BYTES / BAND_BYTES). Prints figures, not
+pass/fail.
 
 The model is built on the meta device on a fake process group of 8 ranks (one rank at a
 time, in this process), so only the layer's file is real: ONE layer's tensors in bf16
@@ -31,7 +32,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import llama.weights as weights  # noqa: E402
+import llama.weights.safetensors_io as safetensors_io  # noqa: E402
 from llama import ModelArgs  # noqa: E402
 from llama.model import Transformer  # noqa: E402
 from parallel.layers import local_slices  # noqa: E402
@@ -60,7 +61,7 @@ def write_layer(file: Path, shapes: dict) -> None:
     """The layer's tensors in the project's format, a band of rows at a time."""
     specs = [(name, torch.bfloat16, shape) for name, shape in shapes.items()]
     with open(file, "wb", buffering=0) as f:
-        f.write(weights.header_bytes(specs, {"format": "pt"}))
+        f.write(safetensors_io.header_bytes(specs, {"format": "pt"}))
         for name, shape in shapes.items():
             step = max(1, (64 << 20) // (2 * math.prod(shape[1:])))
             for r in range(0, shape[0], step):
@@ -107,8 +108,8 @@ class CountReads:
 
 
 def load_rank(file: Path, header, blocks: dict, max_hole: int, check: bool) -> dict:
-    weights.MAX_HOLE_BYTES = max_hole
-    scratch = weights.tensor_bytes(torch.empty(weights.BAND_BYTES, dtype=torch.uint8))
+    safetensors_io.MAX_HOLE_BYTES = max_hole
+    scratch = safetensors_io.tensor_bytes(torch.empty(safetensors_io.BAND_BYTES, dtype=torch.uint8))
     fd = os.open(file, os.O_RDONLY)
     per_tensor, shard = {}, 0
     try:
@@ -117,7 +118,7 @@ def load_rank(file: Path, header, blocks: dict, max_hole: int, check: bool) -> d
             dst = torch.empty(tuple(s.stop - s.start for s in index), dtype=torch.bfloat16)
             start = time.perf_counter()
             with CountReads() as reads:
-                weights.read_block_(dst, fd, info, index, file, scratch)
+                safetensors_io.read_block_(dst, fd, info, index, file, scratch)
             seconds = time.perf_counter() - start
             if check and not torch.equal(dst.view(torch.int16), pattern(index)):
                 raise SystemExit(f"{name}: the shard read (max_hole {max_hole}) differs from the file")
@@ -146,8 +147,8 @@ def main() -> None:
         raise SystemExit(f"{base}: {free / 2**30:.1f} GiB free, the layer needs {size / 2**30:.1f} GiB + 4 GiB "
                          f"to spare; pass --scale 4 or a --dir with more space")
     print(f"one layer: dim {args.dim}, ffn {args.ffn_hidden_dim}, heads {args.n_heads}/{args.n_kv_heads}, "
-          f"bf16, {size / 1e9:.2f} GB; tp {opts.tp}; band {weights.BAND_BYTES >> 20} MiB, "
-          f"max hole {weights.MAX_HOLE_BYTES >> 10} KiB")
+          f"bf16, {size / 1e9:.2f} GB; tp {opts.tp}; band {safetensors_io.BAND_BYTES >> 20} MiB, "
+          f"max hole {safetensors_io.MAX_HOLE_BYTES >> 10} KiB")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_load_", dir=base))
     try:
@@ -155,8 +156,8 @@ def main() -> None:
         start = time.perf_counter()
         write_layer(file, shapes)
         print(f"wrote {file} in {time.perf_counter() - start:.1f}s")
-        header = weights.read_header(file)
-        max_hole = weights.MAX_HOLE_BYTES
+        header = safetensors_io.read_header(file)
+        max_hole = safetensors_io.MAX_HOLE_BYTES
         totals = []
         for rank in range(opts.tp):
             blocks = rank_blocks(args, opts.tp, rank)
@@ -178,7 +179,7 @@ def main() -> None:
             print(f"  rank {rank}  {shard / 2**20:11.1f} | {c0:13,d} {b0 / 2**20:11.1f} {s0:5.2f} "
                   f"| {c1:12,d} {b1 / 2**20:11.1f} {b1 / shard:8.2f} {s1:5.2f}")
     finally:
-        weights.MAX_HOLE_BYTES = max_hole
+        safetensors_io.MAX_HOLE_BYTES = max_hole
         shutil.rmtree(tmp, ignore_errors=True)
         print(f"removed {tmp}")
 

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llama import ModelArgs, Transformer  # noqa: E402
-from llama.weights import save_checkpoint  # noqa: E402
+from llama.weights.format import save_checkpoint  # noqa: E402
 
 LARGE = ModelArgs(dim=512, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=8192, multiple_of=256, max_seq_len=512)
 

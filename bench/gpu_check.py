@@ -20,7 +20,7 @@ fails or runs out of time is a row of the table and the rest still run:
   decode       20  greedy decode tokens/s with the KV cache (llama.generate)
   train_py    100  train.py itself under torchrun, one process, on its defaults for the device
                    (CUDA: bf16, document masking with flex attention, fused AdamW), from a random
-                   checkpoint (llama.weights.save_checkpoint) on a generated corpus: its
+                   checkpoint (llama.weights.format.save_checkpoint) on a generated corpus: its
                    metrics.jsonl read back (finite loss, tokens/s, MFU, memory vs plan)
 
 Time: the parts' budgets add up to 400 s, under the runner's TOTAL_BUDGET of 420 s. Each

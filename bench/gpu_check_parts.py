@@ -322,9 +322,10 @@ def check_sync(opts, ctx) -> dict:
 
 
 def write_random_checkpoint(args: ModelArgs, out: Path, device: str) -> Path:
-    """A random-init checkpoint in the project's format (llama.weights.save_checkpoint):
+    """A random-init checkpoint in the project's format (llama.weights.format.save_checkpoint):
     bf16 on CUDA, drawn on the device (1.2B values drawn on the host take many seconds)."""
-    from llama.weights import expected_shapes, save_checkpoint
+    from llama.weights.format import save_checkpoint
+    from llama.weights.names import expected_shapes
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     gen = torch.Generator(device).manual_seed(0)

@@ -2,6 +2,6 @@
 
 from .config import PRESETS, ModelArgs
 from .model import Transformer
-from .weights import load_model
+from .weights.loading import load_model
 
 __all__ = ["ModelArgs", "PRESETS", "Transformer", "load_model"]

@@ -141,7 +141,7 @@ class ModelArgs:
         """Read Meta's `params.json` (or the directory holding it). Two things it may not
         say, and the values given here win over it:
           - whether the output layer is tied to the embeddings: the checkpoint's tensors
-            tell (llama.sources.meta_source looks and passes the answer); from params.json
+            tell (llama.weights.meta.meta_source looks and passes the answer); from params.json
             alone, only the published Llama 3.2 shapes are taken as tied;
           - the RoPE scale factor, when use_scaled_rope: see meta_rope_scale_factor."""
         path = Path(path)

@@ -264,7 +264,7 @@ def build_model(args: argparse.Namespace, tp_mesh) -> Transformer:
 
     dtype = DTYPES[args.dtype or default_dtype(local_device())]
     if args.checkpoint:
-        from .weights import load_model
+        from .weights.loading import load_model
 
         return load_model(args.checkpoint, tp_mesh, dtype, device=local_device())
     with torch.device("meta"):

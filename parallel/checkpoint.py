@@ -237,7 +237,7 @@ class Checkpointer:
         ) from error
 
     def _finish(self, pending: _Pending, error: Optional[BaseException] = None) -> None:
-        from llama.weights import write_model_args
+        from llama.weights.format import write_model_args
 
         self._agree(pending, error)  # every rank's shards are on disk, or every rank raises
         if self.rank == 0:

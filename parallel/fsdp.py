@@ -234,7 +234,7 @@ def build_parallel_model(
     if isinstance(source, ModelArgs):
         args = source
     else:
-        from llama.weights import read_model_args
+        from llama.weights.format import read_model_args
 
         path, args = Path(source), read_model_args(source)
 
@@ -257,7 +257,7 @@ def build_parallel_model(
     if path is None:
         model.init_weights(seed)
     else:
-        from llama.weights import load_weights_
+        from llama.weights.loading import load_weights_
 
         load_weights_(model, path)
     return model

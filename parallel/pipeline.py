@@ -293,7 +293,7 @@ def build_pipeline(
     if isinstance(source, ModelArgs):
         args = source
     else:
-        from llama.weights import read_model_args
+        from llama.weights.format import read_model_args
 
         args = read_model_args(source)
     microbatches = check_pipeline(args, pp, config)

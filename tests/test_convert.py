@@ -24,10 +24,13 @@ from safetensors.torch import load_file, save_file
 
 import convert_weights
 import llama.config
-import llama.sources
+import llama.weights.meta
 from llama import ModelArgs
 from llama.config import meta_rope_scale_factor
-from llama.weights import expected_shapes, read_model_args
+from llama.weights.format import read_model_args
+from llama.weights.kinds import open_source
+from llama.weights.names import expected_shapes
+from llama.weights.source import check_source
 from parallel.spawn import run_on_ranks
 
 TOL = 1e-5
@@ -400,17 +403,17 @@ def test_telling_tied_from_untied_streams_rank_pieces_band_by_band(fx, tmp_path,
     """No merged copy of output or embeddings is made to decide, and a distinct output is
     told apart by its first band: one comparison, whatever the matrix's size."""
     merged, compared = [], []
-    real_merged, real_equal = llama.sources._merged, torch.equal
-    monkeypatch.setattr(llama.sources, "_merged", lambda pieces, files, name, *rest: merged.append(name)
+    real_merged, real_equal = llama.weights.meta._merged, torch.equal
+    monkeypatch.setattr(llama.weights.meta, "_merged", lambda pieces, files, name, *rest: merged.append(name)
                         or real_merged(pieces, files, name, *rest))
     monkeypatch.setattr(torch, "equal", lambda a, b: compared.append(tuple(a.shape)) or real_equal(a, b))
-    monkeypatch.setattr(llama.sources, "COMPARE_BAND_BYTES", 8 * ARGS.dim * 4)  # 8 rows of fp32
+    monkeypatch.setattr(llama.weights.meta, "COMPARE_BAND_BYTES", 8 * ARGS.dim * 4)  # 8 rows of fp32
     untied = tmp_path / "untied"
     write_meta_as_published(untied, ARGS, meta_weights(ARGS, seed=6), 2)
     for path, tied, comparisons in [(fx.meta4, True, 4 * (ARGS.vocab_size // 4) // 8), (untied, False, 1)]:
         merged.clear(), compared.clear()
-        source = llama.sources.open_source(path)
-        llama.sources.check_source(source)
+        source = open_source(path)
+        check_source(source)
         assert source.args.tie_word_embeddings is tied
         assert merged == [] and len(compared) == comparisons and set(compared) == {(8, ARGS.dim)}, path
 
@@ -490,7 +493,7 @@ def _load_worker(cases, tokens):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    import llama.weights
+    import llama.weights.safetensors_io as safetensors_io
     from llama import load_model
     from parallel.layers import local_tensor
     from tests.reference import meta_reference_model
@@ -517,14 +520,14 @@ def _load_worker(cases, tokens):
     # per run: exactly the shard, one read per row of a column shard; in bands (the
     # default): a column shard's whole rows from its first run to its last, in one read
     results["bytes"] = {}
-    for mode, max_hole in (("per run", 0), ("bands", llama.weights.MAX_HOLE_BYTES)):
+    for mode, max_hole in (("per run", 0), ("bands", safetensors_io.MAX_HOLE_BYTES)):
         reads.clear()
-        llama.weights.os.preadv, saved = counting_preadv, llama.weights.MAX_HOLE_BYTES
-        llama.weights.MAX_HOLE_BYTES = max_hole
+        safetensors_io.os.preadv, saved = counting_preadv, safetensors_io.MAX_HOLE_BYTES
+        safetensors_io.MAX_HOLE_BYTES = max_hole
         try:
             model = load_model(cases["hf"][0], tp_mesh=meshes[4])
         finally:
-            llama.weights.os.preadv, llama.weights.MAX_HOLE_BYTES = real_preadv, saved
+            safetensors_io.os.preadv, safetensors_io.MAX_HOLE_BYTES = real_preadv, saved
         results["bytes"][mode] = (sum(reads), len(reads), _expected_reads(model, mode))
     return results
 

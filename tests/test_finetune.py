@@ -169,7 +169,7 @@ def torchrun(*args, nproc: int = 1, threads: int = 2) -> subprocess.CompletedPro
 
 def test_chat_sft_learns_a_rule_that_answers_held_out_prompts(tmp_path):
     from llama.generate import generate
-    from llama.weights import load_model
+    from llama.weights.loading import load_model
 
     seen = shout_chats(tmp_path / "shout.jsonl", 2000, seed=0)
     rng = random.Random(1)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from llama import ModelArgs, Transformer
-from llama.weights import save_checkpoint
+from llama.weights.format import save_checkpoint
 from parallel.fsdp import build_parallel_model, get_strategy, mixed_precision_policy, check_activation_checkpointing
 from parallel.mesh import build_mesh, dp_mesh, dp_rank
 from parallel.plan import CommCounter, StepConfig, plan

@@ -234,7 +234,7 @@ def test_cli_generates_with_chat_and_sampling():
 def byte_checkpoint(tmp_path_factory) -> str:
     """Fixed weights for the byte tokenizer's 264 ids, so that --seed only seeds the draw
     (with --preset it also seeds the weights)."""
-    from llama.weights import save_checkpoint
+    from llama.weights.format import save_checkpoint
 
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=264, multiple_of=32, max_seq_len=64)
     path = tmp_path_factory.mktemp("bytes_model")

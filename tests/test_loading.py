@@ -1,4 +1,5 @@
-"""Reading a rank's block of a tensor from a safetensors file (llama/weights.py's read path).
+"""Reading a rank's block of a tensor from a safetensors file (the read path of
+llama/weights/safetensors_io.py).
 
 A block is read exactly, however the reads are grouped: a row shard is one read of its
 own bytes; a column shard, whose runs (one per row) have holes of the other ranks'
@@ -14,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import llama.weights as weights
-from llama.weights import TensorInfo, read_block_, read_header
+import llama.weights.safetensors_io as safetensors_io
+from llama.weights.safetensors_io import TensorInfo, read_block_, read_header
 from parallel.spawn import run_on_ranks
 
 # 405B, tp 8, bf16: w2 is [dim, ffn] split by columns (Shard(1)), as is wo [dim, dim]
@@ -37,8 +38,8 @@ def stored(tmp_path):
 @pytest.fixture
 def limits(monkeypatch):
     def set_limits(max_hole, band):
-        monkeypatch.setattr(weights, "MAX_HOLE_BYTES", max_hole)
-        monkeypatch.setattr(weights, "BAND_BYTES", band)
+        monkeypatch.setattr(safetensors_io, "MAX_HOLE_BYTES", max_hole)
+        monkeypatch.setattr(safetensors_io, "BAND_BYTES", band)
     return set_limits
 
 
@@ -119,9 +120,9 @@ def test_bands_stay_within_the_band_size(stored, limits, reads):
 def plan(shape, index, max_hole=None, band=None):
     """The reads the loader would make for `index` of a bf16 tensor, without a file."""
     info = TensorInfo(torch.bfloat16, shape, 0, math.prod(shape) * 2)
-    max_hole = weights.MAX_HOLE_BYTES if max_hole is None else max_hole
-    band = weights.BAND_BYTES if band is None else band
-    return weights._reads(weights._runs(info, index), max_hole, band)
+    max_hole = safetensors_io.MAX_HOLE_BYTES if max_hole is None else max_hole
+    band = safetensors_io.BAND_BYTES if band is None else band
+    return safetensors_io._reads(safetensors_io._runs(info, index), max_hole, band)
 
 
 @pytest.mark.parametrize("name, shape", [("w2", (DIM, FFN)), ("wo", (DIM, DIM))])
@@ -131,9 +132,9 @@ def test_a_405b_column_shard_at_tp8_takes_tens_of_reads_not_one_per_row(name, sh
     bands = plan(shape, index)
     assert len(per_row) == DIM
     row, run = shape[1] * 2, shape[1] // TP * 2
-    rows_per_band = (weights.BAND_BYTES - run) // row + 1  # a band spans k - 1 rows and a run
+    rows_per_band = (safetensors_io.BAND_BYTES - run) // row + 1  # a band spans k - 1 rows and a run
     assert len(bands) == math.ceil(DIM / rows_per_band) <= 30  # w2: 26, wo: 8
-    assert all(length <= weights.BAND_BYTES for _, length, _ in bands)
+    assert all(length <= safetensors_io.BAND_BYTES for _, length, _ in bands)
     assert [r for _, _, runs in bands for r in runs] == [(start, n) for start, n, _ in per_row]  # same runs
     # whole rows: tp times the shard, less the holes before the first run and after the last
     shard = DIM * shape[1] // TP * 2
@@ -172,7 +173,7 @@ def _load_a_tp2_training_checkpoint(directory: str, args) -> dict:
     from torch.distributed.tensor import DTensor
 
     from llama import Transformer, load_model
-    from llama.weights import write_model_args
+    from llama.weights.format import write_model_args
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
     with torch.device("meta"):

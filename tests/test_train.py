@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llama import ModelArgs, Transformer, load_model
-from llama.weights import save_checkpoint
+from llama.weights.format import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=264, multiple_of=32, max_seq_len=128)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from llama import Transformer
-from llama.weights import save_checkpoint
+from llama.weights.format import save_checkpoint
 from tests.corpus import write_documents
 from tests.test_train import TINY, check, final_weights, metrics, torchrun
 

@@ -1,13 +1,5 @@
-"""The project's checkpoint format, `load_model`, and the safetensors reading and writing
-that both the loader and convert_weights.py use.
+"""Safetensors files read and written without the safetensors library's mmap.
 
-A converted checkpoint is a directory:
-  model_args.json                 {"format": FORMAT, "model_args": {...ModelArgs...}}
-                                  (+ "hf": the source's config.json, kept for the way back)
-  model.safetensors               tensors in Meta's names and Meta's RoPE layout, or
-  model-0000K-of-0000N.safetensors + model.safetensors.index.json  (HF-style index)
-
-Safetensors files are read and written here without the safetensors library's mmap:
   - a rank loading its shard reads the bytes of that shard with pread: a row shard
     exactly, a column shard in bands of whole rows (a few large reads rather than one
     per row; see BAND_BYTES), so the bytes read per rank can be counted and the
@@ -30,18 +22,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch.distributed.device_mesh import DeviceMesh
-
-from parallel.layers import local_slices, local_tensor
-from parallel.mesh import local_device
-
-from .config import ModelArgs
-from .model import Transformer
-
-FORMAT = "llama-tp-safetensors/1"
-ARGS_FILE = "model_args.json"
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -51,39 +31,6 @@ DTYPES = {
 }
 DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
-
-
-# ---------------------------------------------------------------- model_args.json
-
-
-def read_model_args(path) -> ModelArgs:
-    meta = read_checkpoint_meta(path)
-    return ModelArgs.from_dict(meta["model_args"], source=str(Path(path) / ARGS_FILE))
-
-
-def read_checkpoint_meta(path) -> dict:
-    """The whole of model_args.json, checked to be this format."""
-    path = Path(path)
-    file = path / ARGS_FILE
-    if not file.is_file():
-        hint = " (a Hugging Face or Meta checkpoint? convert it first: python convert_weights.py SRC OUT)"
-        raise ValueError(f"{file}: not found; {path} is not a converted checkpoint{hint}")
-    try:
-        meta = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{file}: unreadable: {err}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise ValueError(f"{file}: format {found!r} is not {FORMAT!r}")
-    if not isinstance(meta.get("model_args"), dict):
-        raise ValueError(f"{file}: no 'model_args' object")
-    return meta
-
-
-def write_model_args(args: ModelArgs, out_dir, extra: Optional[dict] = None) -> None:
-    """`extra`: more top-level keys, e.g. "hf" (the source's config.json) for the way back."""
-    meta = {"format": FORMAT, "model_args": args.to_dict(), **(extra or {})}
-    (Path(out_dir) / ARGS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------- safetensors headers
@@ -417,149 +364,3 @@ def _copy_range(src, dst, start: int, n: int, src_name) -> None:
         while view:
             view = view[dst.write(view) :]
         done += k
-
-
-# ---------------------------------------------------------------- loading
-
-
-def weight_map(path) -> dict:
-    """tensor name -> safetensors file holding it."""
-    path = Path(path)
-    index = path / INDEX_FILE
-    if index.is_file():
-        try:
-            names = json.loads(index.read_text())["weight_map"]
-            files = {name: path / file for name, file in names.items()}
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{index}: unreadable index: {err}") from None
-        for file in sorted(set(files.values())):
-            if not file.is_file():
-                raise ValueError(f"{index}: names {file.name}, which does not exist")
-        return files
-    single = path / SINGLE_FILE
-    if not single.is_file():
-        raise ValueError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
-    return {name: single for name in read_header(single).tensors}
-
-
-def expected_tensors(model: Transformer) -> dict:
-    """Checkpoint name -> parameter; a tied output shares tok_embeddings and is not stored."""
-    return dict(model.named_parameters())
-
-
-def expected_shapes(args: ModelArgs) -> dict:
-    """Checkpoint name -> global shape, in the model's order; nothing is allocated."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    return {name: tuple(p.shape) for name, p in expected_tensors(model).items()}
-
-
-def _locate(model: Transformer, path) -> dict:
-    """name -> (file, TensorInfo) for every parameter, checked against the headers (names
-    and shapes) before anything large is allocated."""
-    files = weight_map(path)
-    params = expected_tensors(model)
-    missing = sorted(set(params) - set(files))
-    if missing:
-        raise ValueError(f"{path}: tensor {missing[0]} missing from the checkpoint ({len(missing)} missing)")
-    headers = {file: read_header(file) for file in sorted(set(files[name] for name in params))}
-    located = {}
-    for name, param in params.items():
-        file = files[name]
-        info = headers[file].tensors.get(name)
-        if info is None:
-            raise ValueError(f"{file}: tensor {name} missing (the index says it is in this file)")
-        if info.shape != tuple(param.shape):
-            raise ValueError(
-                f"{file}: tensor {name} has shape {list(info.shape)}, the config wants {list(param.shape)}; "
-                "does model_args.json belong to these weights?"
-            )
-        located[name] = (file, info)
-    return located
-
-
-def verify_checkpoint(path) -> ModelArgs:
-    """Check a converted checkpoint without loading it: model_args.json reads, and every
-    tensor the model needs is where the index says, with the right shape."""
-    args = read_model_args(path)
-    with torch.device("meta"):
-        model = Transformer(args)
-    _locate(model, path)
-    return args
-
-
-def load_weights_(model: Transformer, path, located: Optional[dict] = None) -> None:
-    """Copy a converted checkpoint into an allocated model, each rank reading the bytes of
-    its own shards only."""
-    located = located or _locate(model, path)
-    params = expected_tensors(model)
-    scratch = tensor_bytes(torch.empty(BAND_BYTES, dtype=torch.uint8))  # pages taken as bands use them
-    fds = {}
-    try:
-        with torch.no_grad():
-            for name, param in params.items():
-                file, info = located[name]
-                if file not in fds:
-                    fds[file] = os.open(file, os.O_RDONLY)
-                    if hasattr(os, "posix_fadvise"):  # reads are strided: no read-ahead of other ranks' bytes
-                        os.posix_fadvise(fds[file], 0, 0, os.POSIX_FADV_RANDOM)
-                read_block_(local_tensor(param), fds[file], info, local_slices(param), file, scratch)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-
-
-def load_model(
-    path,
-    tp_mesh: Optional[DeviceMesh] = None,
-    dtype: torch.dtype = torch.float32,
-    sequence_parallel: bool = False,
-    device=None,
-) -> Transformer:
-    """The model of a converted checkpoint, with this rank's shards read from disk. `path`
-    may also be a training checkpoint (train.py's step_N, a DCP directory), from which
-    each rank reads the stored chunks that overlap its shards."""
-    training = is_training_checkpoint(path)
-    if training:
-        from .sources import check_source, dcp_source, read_dcp_shards_
-
-        source = dcp_source(Path(path))
-        check_source(source)
-        args = source.args
-    else:
-        args = read_model_args(path)
-    if device is None:
-        device = local_device(tp_mesh.device_type if tp_mesh is not None else "cpu")
-    with torch.device("meta"):
-        model = Transformer(args, tp_mesh, sequence_parallel=sequence_parallel)
-    located = None if training else _locate(model, path)
-    model.to(dtype=dtype)
-    model.to_empty(device=device)  # Transformer keeps a tied output tied through this
-    if not training:
-        load_weights_(model, path, located)
-        return model
-    group = None if tp_mesh is None else tp_mesh.get_group()
-    with torch.no_grad():
-        read_dcp_shards_(Path(path), expected_tensors(model), group)
-    return model
-
-
-def is_training_checkpoint(path) -> bool:
-    """A torch.distributed.checkpoint directory (train.py's step_N) rather than our format."""
-    return (Path(path) / ".metadata").is_file()
-
-
-def save_checkpoint(state_dict: dict, args: ModelArgs, out_dir) -> Path:
-    """Write a small, fully materialised state dict (Meta names and layout) in the project's
-    format. Large checkpoints are streamed by convert_weights.py instead."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    if args.tie_word_embeddings:
-        tensors.pop("output.weight", None)
-    specs = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
-    with SafetensorsWriter(out / SINGLE_FILE, specs, {"format": "pt"}) as writer:
-        for name, t in tensors.items():
-            writer.write(name, t)
-    write_model_args(args, out)
-    return out
