@@ -5,7 +5,7 @@ A block is read exactly, however the reads are grouped: a row shard is one read 
 own bytes; a column shard, whose runs (one per row) have holes of the other ranks'
 columns between them, is read in bands of whole rows of at most BAND_BYTES, or one read
 per row when MAX_HOLE_BYTES is 0. The files are written with safetensors' own writer.
-Reads are counted by wrapping os.preadv, as tests/test_convert.py does."""
+Reads are counted by wrapping os.preadv, as tests/test_convert_load.py does."""
 
 import math
 import os
