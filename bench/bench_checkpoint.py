@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from llama import ModelArgs
 from llama.data import Batch
-from parallel.checkpoint import Checkpointer
+from llama.training.checkpoint import Checkpointer
 from parallel.fsdp import build_parallel_model
 from parallel.layers import vocab_parallel_cross_entropy
 from parallel.mesh import build_mesh, dp_rank, dp_size

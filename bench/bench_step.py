@@ -39,7 +39,7 @@ from parallel.devices import measure_peak_tflops
 from parallel.fsdp import build_parallel_model
 from parallel.layers import vocab_parallel_cross_entropy
 from parallel.mesh import build_mesh, dp_rank, dp_size
-from train import keep_freed_host_memory
+from llama.training.build import keep_freed_host_memory
 
 ARGS = ModelArgs(dim=512, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=8192, multiple_of=256, max_seq_len=512)
 

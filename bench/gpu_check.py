@@ -13,7 +13,7 @@ fails or runs out of time is a row of the table and the rest still run:
   flex         75  flex attention with packed documents (llama.masks' block mask), eager and
                    compiled, fp32 and bf16, forward and backward, vs dense SDPA on one mask
                    (fp32, TF32 off); CPU: torch has no flex backward there, said in the row
-  compile     105  train.py's step (train.train_step, its optimizer and loader) with --compile
+  compile     105  train.py's step (llama.training.step.train_step, its optimizer and loader) with --compile
   kernels      30  the attention kernels of train.py's step and of the plain causal path
   sync         20  train.py's step under torch.cuda.set_sync_debug_mode("error")
   logits       25  bf16 vs fp32 logits of one forward (fp32 with TF32 off, then restored)
@@ -281,9 +281,9 @@ def main(argv=None) -> int:
     try:
         torch.manual_seed(0)
         if opts.device == "cuda":
-            import train
+            from parallel.devices import enable_tf32
 
-            train.enable_tf32()  # what train.py does for fp32 matmuls; the fp32 references turn it off
+            enable_tf32()  # what train.py does for fp32 matmuls; the fp32 references turn it off
         header = {"device": opts.device, "device_name": device_name(opts.device), "torch": torch.__version__,
                   "model": "tiny" if opts.tiny else "3.2-1b", "seq_len": opts.seq_len,
                   "micro_batch": opts.micro_batch, "new_tokens": opts.new_tokens,

@@ -169,20 +169,23 @@ def remove_work_dir(ctx) -> None:
 def train_py_options(opts, ctx):
     """train.py's own flags and defaults for this device, on the generated corpus; --tp 1
     for this one process (train.py's default is the GPUs of the node)."""
-    import train
+    from llama.training.build import default_dtype
+    from llama.training.flags import parse_args
 
     argv = ["--data", str(work_dir(opts, ctx) / "data"), "--seq-len", str(opts.seq_len),
             "--micro-batch", str(opts.micro_batch), "--tp", "1"]
-    t_opts = train.parse_args(argv)
-    t_opts.dtype = t_opts.dtype or train.default_dtype(torch.device(opts.device))
+    t_opts = parse_args(argv)
+    t_opts.dtype = t_opts.dtype or default_dtype(torch.device(opts.device))
     return t_opts
 
 
 def build_train_py_step(opts, ctx, compile=False) -> dict:
     """train.py's trainee, optimizer and loader (its own functions) on a 1-rank mesh, from
     random init; compile: False, or a torch.compile backend for every block (--compile)."""
-    import train
     from llama.tokenizer import load_tokenizer
+    from llama.training.build import build_trainee
+    from llama.training.inputs import batch_layout, build_data
+    from llama.training.optim import build_optimizer
     from parallel.mesh import build_mesh
 
     init_one_rank(opts.device)
@@ -190,18 +193,18 @@ def build_train_py_step(opts, ctx, compile=False) -> dict:
     t_opts.compile = True if compile == "inductor" else compile  # train.py's --compile is inductor
     mesh = build_mesh(tp=1, device=opts.device)
     args = model_args(opts)
-    global_batch = train.batch_layout(t_opts, args, 1)
-    data = train.build_data(t_opts, load_tokenizer(t_opts.tokenizer), mesh, global_batch, args.vocab_size)
-    trainee = train.build_trainee(args, mesh, t_opts, init=True)
-    optimizer = train.build_optimizer(trainee.model, t_opts, torch.device(opts.device))
+    global_batch = batch_layout(t_opts, args, 1)
+    data = build_data(t_opts, load_tokenizer(t_opts.tokenizer), mesh, global_batch, args.vocab_size)
+    trainee = build_trainee(args, mesh, t_opts, init=True)
+    optimizer = build_optimizer(trainee.model, t_opts, torch.device(opts.device))
     return {"trainee": trainee, "optimizer": optimizer, "loader": data.loader, "opts": t_opts}
 
 
 def run_train_step(step: dict, device: str) -> tuple:
     """One optimizer step through train.py's train_step: (loss, grad norm, skipped) tensors."""
-    import train
+    from llama.training.step import train_step
 
-    return train.train_step(step["trainee"], step["optimizer"], step["loader"], torch.device(device), step["opts"].clip)
+    return train_step(step["trainee"], step["optimizer"], step["loader"], torch.device(device), step["opts"].clip)
 
 
 def default_train_py_step(opts, ctx) -> dict:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from llama.metrics import read_metrics
+from llama.training.metrics import read_metrics
 
 METRICS_FILE = "metrics.jsonl"  # what train.py writes into --save-dir
 INSTALL_HINT = "pip install -e '.[plot]'"

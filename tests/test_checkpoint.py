@@ -1,4 +1,4 @@
-"""parallel.checkpoint.Checkpointer on two gloo ranks: a save that fails on one rank ends
+"""llama.training.checkpoint.Checkpointer on two gloo ranks: a save that fails on one rank ends
 every rank promptly with the same error and renames nothing; async saves copy into one
 stager's buffers, reused from save to save and freed by close()."""
 
@@ -84,7 +84,7 @@ def _fail_on_rank(rank: int, how: str) -> None:
 
 
 def _save_that_fails(save_dir: str, async_save: bool, how: str, rank: int) -> dict:
-    from parallel.checkpoint import CheckpointError, Checkpointer
+    from llama.training.checkpoint import CheckpointError, Checkpointer
 
     model, optimizer = _trained()
     checkpoints = Checkpointer(Path(save_dir), keep=2, async_save=async_save)
@@ -117,7 +117,7 @@ def test_a_save_failing_on_one_rank_ends_every_rank_with_one_error_and_renames_n
 
 
 def _two_async_saves(save_dir: str) -> dict:
-    from parallel.checkpoint import Checkpointer, load_checkpoint
+    from llama.training.checkpoint import Checkpointer, load_checkpoint
 
     model, optimizer = _trained()
     checkpoints = Checkpointer(Path(save_dir), keep=2, async_save=True)

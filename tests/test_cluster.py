@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from llama.metrics import drop_metrics_after, read_metrics
-from parallel.preemption import PREEMPTED_EXIT_CODE, StopRequests, parse_signals, parse_time_limit
+from llama.training.metrics import drop_metrics_after, read_metrics
+from llama.training.preemption import PREEMPTED_EXIT_CODE, StopRequests, parse_signals, parse_time_limit
 from parallel.spawn import run_on_ranks
 from tests.test_train import ROOT, RUN, check, converted, data, final_weights, metrics, torchrun  # noqa: F401
 
-import train
+from llama.training import flags
+from llama.training.step import NONFINITE_EXIT_CODE, Trainee, train_step
 
-NONFINITE = train.NONFINITE_EXIT_CODE
+NONFINITE = NONFINITE_EXIT_CODE
 
 
 def launch(*args, nproc=4, env=None) -> subprocess.Popen:
@@ -186,7 +187,7 @@ def test_time_limits_and_signal_names_parse_or_fail_naming_the_flag():
 def _resume_decisions(base: str) -> list:
     import torch.distributed as dist
 
-    from parallel.checkpoint import decide_resume
+    from llama.training.checkpoint import decide_resume
 
     def decide(case: str, rank0_has_checkpoints: bool, resume: bool):
         # each rank looks at its own directory, as if a shared filesystem looked different to it
@@ -356,15 +357,15 @@ def test_train_step_skips_the_update_of_a_nan_step_with_either_adamw(fused):
     tokens = np.random.default_rng(0).integers(0, args.vocab_size, 400, dtype=np.uint32)
     loader = DistributedDataLoader(PackedDataset(tokens, 16, seed=0), global_batch=2, dp_rank=0, dp_size=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused, foreach=not fused)
-    train.train_step(train.Trainee(model), optimizer, loader, torch.device("cpu"), clip=1.0)
+    train_step(Trainee(model), optimizer, loader, torch.device("cpu"), clip=1.0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     state = {n: optimizer.state[p]["exp_avg"].clone() for n, p in model.named_parameters()}
-    _, norm, skipped = train.train_step(train.Trainee(model), optimizer, loader, torch.device("cpu"), clip=1.0, poison=True)
+    _, norm, skipped = train_step(Trainee(model), optimizer, loader, torch.device("cpu"), clip=1.0, poison=True)
     assert skipped.item() == 1.0 and not torch.isfinite(norm)
     for name, param in model.named_parameters():
         assert torch.equal(param, before[name]), name
         assert torch.equal(optimizer.state[param]["exp_avg"], state[name]), name
-    _, _, skipped = train.train_step(train.Trainee(model), optimizer, loader, torch.device("cpu"), clip=1.0)
+    _, _, skipped = train_step(Trainee(model), optimizer, loader, torch.device("cpu"), clip=1.0)
     assert skipped.item() == 0.0 and not torch.equal(model.output.weight, before["output.weight"])
 
 
@@ -391,7 +392,7 @@ def final_weights_at(save_dir: Path, step: int) -> dict:
 def test_a_config_file_gives_flags_and_the_command_line_overrides_it(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('seq-len = 512\nlr = 1e-4\n[data]\ndata = ["a.txt", "b.txt"]\ndocument_masking = false\n')
-    opts = train.parse_args(["--config", str(config), "--lr", "2e-4"])
+    opts = flags.parse_args(["--config", str(config), "--lr", "2e-4"])
     assert (opts.seq_len, opts.lr, opts.data, opts.document_masking) == (512, 2e-4, ["a.txt", "b.txt"], False)
     assert opts.micro_batch == 4  # untouched flags keep their defaults
 
@@ -410,18 +411,18 @@ def test_a_bad_config_key_or_value_is_an_error_naming_it(tmp_path, capsys, text,
     config = tmp_path / "run.toml"
     config.write_text(text)
     with pytest.raises(SystemExit):
-        train.parse_args(["--config", str(config)])
+        flags.parse_args(["--config", str(config)])
     assert message in capsys.readouterr().err
 
 
 def test_the_written_config_repeats_the_run_exactly(tmp_path):
-    from llama.run_config import write_config
+    from llama.training.run_config import write_config
 
-    parser = train.build_parser()
-    opts = train.parse_args(["--data", "x.txt", "y.txt", "--seq-len", "96", "--no-document-masking", "--lr", "1e-3",
+    parser = flags.build_parser()
+    opts = flags.parse_args(["--data", "x.txt", "y.txt", "--seq-len", "96", "--no-document-masking", "--lr", "1e-3",
                              "--tp", "2", "--dtype", "fp32", "--time-limit", "01:00"])
     write_config(opts, parser, tmp_path / "config.toml")
-    again = train.parse_args(["--config", str(tmp_path / "config.toml")])
+    again = flags.parse_args(["--config", str(tmp_path / "config.toml")])
     assert vars(again) == {**vars(opts), "config": str(tmp_path / "config.toml")}
 
 

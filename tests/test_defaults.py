@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import parallel.plan as plan
-import train
+from llama.training import flags
+from llama.training import build
+from llama.training.build import choose_default_tp
 from parallel.context import check_sequence_parallel_divides
 
 H100 = 79.1  # GiB, as an 80 GB H100 reports its memory
@@ -17,7 +19,7 @@ H100 = 79.1  # GiB, as an 80 GB H100 reports its memory
 def _on_gpus(monkeypatch, world: int, per_node: int = 8, gib: float = H100) -> None:
     """What choose_default_tp reads on a GPU node under torchrun, faked."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(train, "cuda_device_for_rank", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(build, "cuda_device_for_rank", lambda: torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: types.SimpleNamespace(total_memory=round(gib * 2**30)))
     monkeypatch.setenv("WORLD_SIZE", str(world))
@@ -27,8 +29,8 @@ def _on_gpus(monkeypatch, world: int, per_node: int = 8, gib: float = H100) -> N
 @pytest.mark.parametrize("preset", ["3.2-1b", "3.1-8b"])
 def test_models_up_to_8b_train_fsdp_only_on_one_node_of_80_gb_gpus(monkeypatch, preset):
     _on_gpus(monkeypatch, world=8)
-    opts = train.parse_args(["--preset", preset])
-    reason = train.choose_default_tp(opts)
+    opts = flags.parse_args(["--preset", preset])
+    reason = choose_default_tp(opts)
     assert opts.tp == 1
     assert reason.startswith("--tp 1: the smallest tp whose plan fits 79.1 GiB per GPU"), reason
 
@@ -37,26 +39,26 @@ def test_tp_grows_only_as_far_as_the_memory_needs(monkeypatch):
     """8B at 8192 tokens without activation checkpointing needs 88.6 GiB at tp 1 on one node
     (the planner's estimate): tp 2 is the smallest that fits, and the line says why."""
     _on_gpus(monkeypatch, world=8)
-    opts = train.parse_args(["--preset", "3.1-8b", "--seq-len", "8192", "--micro-batch", "1"])
-    reason = train.choose_default_tp(opts)
+    opts = flags.parse_args(["--preset", "3.1-8b", "--seq-len", "8192", "--micro-batch", "1"])
+    reason = choose_default_tp(opts)
     assert opts.tp == 2 and "tp 1 needs 88.60" in reason, reason
 
 
 def test_a_model_that_fits_nowhere_gets_the_node_and_a_line_naming_the_fixes(monkeypatch):
     _on_gpus(monkeypatch, world=8)
-    opts = train.parse_args(["--preset", "3.1-70b"])
-    reason = train.choose_default_tp(opts)
+    opts = flags.parse_args(["--preset", "3.1-70b"])
+    reason = choose_default_tp(opts)
     assert opts.tp == 8
     assert "no tp up to 8 GPUs per node fits 79.1 GiB" in reason and "--activation-checkpointing full" in reason
 
 
 def test_a_given_tp_is_kept_and_cpu_keeps_its_demo_default(monkeypatch):
-    opts = train.parse_args(["--tp", "4"])
-    assert train.choose_default_tp(opts) is None and opts.tp == 4
+    opts = flags.parse_args(["--tp", "4"])
+    assert choose_default_tp(opts) is None and opts.tp == 4
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("WORLD_SIZE", "4")
-    opts = train.parse_args([])
-    assert "on CPU 2" in train.choose_default_tp(opts) and opts.tp == 2
+    opts = flags.parse_args([])
+    assert "on CPU 2" in choose_default_tp(opts) and opts.tp == 2
 
 
 def test_the_planned_model_states_scale_exactly_to_the_real_dp():
@@ -83,10 +85,10 @@ def test_the_planner_without_tp_plans_what_train_py_chooses(capsys):
 
 
 def test_sequence_parallelism_is_on_by_default_and_can_be_turned_off():
-    assert train.parse_args([]).sequence_parallel is True
-    assert train.parse_args(["--no-sequence-parallel"]).sequence_parallel is False
+    assert flags.parse_args([]).sequence_parallel is True
+    assert flags.parse_args(["--no-sequence-parallel"]).sequence_parallel is False
     assert plan.StepConfig().sequence_parallel is True and plan.parse_args(["--model", "3.1-8b"]).sequence_parallel
-    assert plan.StepConfig.from_options(train.parse_args([])) == plan.StepConfig()
+    assert plan.StepConfig.from_options(flags.parse_args([])) == plan.StepConfig()
 
 
 def test_a_sequence_that_tp_cannot_split_is_one_line_naming_the_flags(capsys):

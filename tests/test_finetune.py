@@ -52,7 +52,9 @@ def datasets(data: Path, cache_dir: Path):
 
 
 def _mesh_worker(data: Path, cache_dir: Path) -> list:
-    import train
+    from llama.training.evaluation import evaluate
+    from llama.training.optim import param_groups
+    from llama.training.step import Trainee, train_step
     from parallel.fsdp import build_parallel_model
     from parallel.mesh import build_mesh, dp_rank, dp_size, local_device
     from parallel.train_utils import sum_over_dp
@@ -67,7 +69,7 @@ def _mesh_worker(data: Path, cache_dir: Path) -> list:
         )
         validation = list(eval_batches(val_set, 1, GLOBAL_BATCH, dp_rank(mesh), dp_size(mesh), loader.micro_batch))
         model = build_parallel_model(ARGS, mesh, sequence_parallel=tp > 1, seed=0)
-        optimizer = torch.optim.AdamW(train.param_groups(model, opts), lr=1e-3, betas=(0.9, 0.95))
+        optimizer = torch.optim.AdamW(param_groups(model, opts), lr=1e-3, betas=(0.9, 0.95))
         device = local_device()
         # this rank's share of the first step's targets: uneven across ranks by design
         first = dp_rank(mesh) * loader.micro_batch
@@ -75,10 +77,10 @@ def _mesh_worker(data: Path, cache_dir: Path) -> list:
         my_targets = sum(
             train_set.num_targets(m * per_micro + first + j) for m in range(GRAD_ACCUM) for j in range(loader.micro_batch)
         )
-        val_loss = train.evaluate(train.Trainee(model), validation, device, mesh)
+        val_loss = evaluate(Trainee(model), validation, device, mesh)
         losses = []
         for _ in range(STEPS):
-            share, _, _ = train.train_step(train.Trainee(model), optimizer, loader, device, clip=1.0)
+            share, _, _ = train_step(Trainee(model), optimizer, loader, device, clip=1.0)
             losses.append(sum_over_dp(share.item(), mesh))
         # numpy: tensors sent back through the queue would live in this process's shared memory
         params = {n: p.detach().full_tensor().numpy().copy() for n, p in model.named_parameters()}

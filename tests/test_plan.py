@@ -156,9 +156,9 @@ def test_4d_flags_default_to_the_2d_plan_and_the_stated_hardware():
 def test_defaults_are_train_py_defaults():
     """Planning with no flags plans what `train.py` with no flags runs, in bf16, train.py's
     default on CUDA."""
-    import train
+    from llama.training.flags import parse_args as train_py_flags
 
-    opts = train.parse_args([])
+    opts = train_py_flags([])
     cfg = StepConfig()
     assert (cfg.seq_len, cfg.batch, cfg.grad_accum) == (opts.seq_len, opts.micro_batch, opts.grad_accum)
     assert cfg.sequence_parallel == opts.sequence_parallel

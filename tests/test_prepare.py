@@ -79,7 +79,9 @@ def test_two_workers_write_the_same_cache_bytes_as_one(tmp_path, monkeypatch, ca
 def _build_data_without_a_tokenizer(*argvs) -> list[int]:
     """train.py's build_data for each argv with every encode refusing to run: a prepared cache must be opened,
     not built."""
-    import train
+    from llama.training.build import make_mesh
+    from llama.training.flags import parse_args
+    from llama.training.inputs import build_data
     from llama.tokenizer import Llama3Tokenizer
 
     def refuse(*args, **kwargs):
@@ -89,9 +91,9 @@ def _build_data_without_a_tokenizer(*argvs) -> list[int]:
         cls.encode = cls.encode_batch = refuse
     tokens = []
     for argv in argvs:
-        opts = train.parse_args(argv)
+        opts = parse_args(argv)
         tokenizer = load_tokenizer(opts.tokenizer)
-        built = train.build_data(opts, tokenizer, train.make_mesh(opts), 2, tokenizer.vocab_size)
+        built = build_data(opts, tokenizer, make_mesh(opts), 2, tokenizer.vocab_size)
         tokens.append(built.loader.dataset.num_tokens)
     return tokens
 

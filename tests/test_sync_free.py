@@ -22,7 +22,11 @@ import numpy as np
 import pytest
 import torch
 
-import train
+from llama.training.build import default_dtype
+from llama.training.flags import parse_args
+from llama.training.inputs import check_token_ids
+from llama.training.optim import build_optimizer, param_groups
+from llama.training.step import Trainee, train_step
 from llama import ModelArgs, Transformer
 from llama.data import DistributedDataLoader, PackedDataset
 from llama.generate import DTYPES, generate, parse_args as generate_args
@@ -91,8 +95,8 @@ def host_reads_of_steps(model, optimizer, args: ModelArgs, documents: bool, deli
 
 def optimizers(model):
     return {
-        "foreach": torch.optim.AdamW(train.param_groups(model, OPTS), lr=1e-3, foreach=True),
-        "fused": train.build_optimizer(model, OPTS, torch.device("cuda")),  # train.py's CUDA choice, here on CPU
+        "foreach": torch.optim.AdamW(param_groups(model, OPTS), lr=1e-3, foreach=True),
+        "fused": build_optimizer(model, OPTS, torch.device("cuda")),  # train.py's CUDA choice, here on CPU
     }
 
 
@@ -123,14 +127,14 @@ def test_the_recorder_sees_into_backward():
 
 def test_train_py_picks_fused_adamw_on_cuda_and_cpu_and_foreach_elsewhere():
     model = Transformer(UNEVEN).init_weights(seed=0)
-    assert train.build_optimizer(model, OPTS, torch.device("cuda")).defaults["fused"] is True
-    cpu = train.build_optimizer(model, OPTS, torch.device("cpu")).defaults
+    assert build_optimizer(model, OPTS, torch.device("cuda")).defaults["fused"] is True
+    cpu = build_optimizer(model, OPTS, torch.device("cpu")).defaults
     assert (cpu["fused"], cpu["foreach"]) == (True, False)
-    other = train.build_optimizer(model, OPTS, torch.device("meta")).defaults
+    other = build_optimizer(model, OPTS, torch.device("meta")).defaults
     assert (other["fused"], other["foreach"]) == (False, True)
 
 
-# ---------------------------------------------------------------- tp, FSDP2 and train.train_step
+# ---------------------------------------------------------------- tp, FSDP2 and llama.training.step.train_step
 
 
 def _tp_steps() -> dict:
@@ -165,7 +169,7 @@ def _train_steps(tp: int, deliberate: bool) -> list:
         optimizer = optimizers(model)[kind]
         for _ in range(2):
             with HostReads() as recorded:
-                loss, norm, _ = train.train_step(train.Trainee(model), optimizer, loader, torch.device("cpu"), clip=1.0)
+                loss, norm, _ = train_step(Trainee(model), optimizer, loader, torch.device("cpu"), clip=1.0)
                 if deliberate:
                     float(norm)
         reads[kind] = len(not_ours(recorded, optimizer))
@@ -226,9 +230,9 @@ def test_the_kv_index_is_built_once_per_device():
 
 
 def test_dtype_defaults_bf16_on_cuda_and_fp32_on_cpu():
-    assert train.parse_args([]).dtype is None  # resolved by device in train()
-    assert train.default_dtype(torch.device("cuda", 0)) == "bf16"
-    assert train.default_dtype(torch.device("cpu")) == "fp32"
+    assert parse_args([]).dtype is None  # resolved by device in train()
+    assert default_dtype(torch.device("cuda", 0)) == "bf16"
+    assert default_dtype(torch.device("cpu")) == "fp32"
 
 
 def test_generate_takes_train_spellings_and_the_old_torch_names():
@@ -296,6 +300,6 @@ def test_token_cache_ids_are_checked_once_against_the_vocabulary(tmp_path):
     cache = load_token_cache([tmp_path / "text.txt"], load_tokenizer("bytes"), tmp_path / "cache", quiet=True)
     high = cache.max_token_id  # recorded when the cache was built: no scan at start-up
     assert high == int(np.asarray(cache.tokens).max())
-    train.check_token_ids(high, high + 1, "the token cache")
+    check_token_ids(high, high + 1, "the token cache")
     with pytest.raises(ValueError, match=rf"token cache holds token id {high} .* vocabulary is {high}.*--tokenizer.*--checkpoint"):
-        train.check_token_ids(high, high, "the token cache")
+        check_token_ids(high, high, "the token cache")

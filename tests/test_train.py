@@ -165,10 +165,10 @@ def test_startup_errors_print_one_line_and_every_rank_exits(data, tmp_path, flag
 def test_help_gives_every_flag_a_line_with_its_default(capsys):
     import re
 
-    import train
+    from llama.training.flags import parse_args
 
     with pytest.raises(SystemExit):
-        train.parse_args(["--help"])
+        parse_args(["--help"])
     text = capsys.readouterr().out.split("options:", 1)[1]
     entries = {e.split()[0].rstrip(","): " ".join(e.split()) for e in re.split(r"\n  (?=-)", text)[1:]}
     assert {"--seq-len", "--activation-checkpointing", "--seed", "--log-every", "--train-on", "--val-fraction"} <= entries.keys()

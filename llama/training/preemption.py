@@ -14,13 +14,14 @@ save any rank has seen (agreed in the same all-reduce, so every rank picks the s
 the same steps): as many steps as fit in SIGNAL_DELAY_S, and with a time limit in its
 margin, whose check looks N steps ahead."""
 
+import contextlib
 import re
 import signal
 import sys
 import time
 from typing import Optional, Sequence
 
-from .control import max_over_ranks
+from parallel.control import max_over_ranks
 
 PREEMPTED_EXIT_CODE = 3  # stopped early with a checkpoint of the current step: run again with --resume
 # The most training time a signal waits for the ranks to agree on it (then the save
@@ -75,6 +76,8 @@ class StopRequests:
         self.longest_save = 0.0
         self.next_agreement = 0  # the first boundary agrees, whatever it is
         self.agreements = 0
+        self._boundary: Optional[float] = None  # start_clock() and each agreed() set it
+        self._saving = 0.0
         for sig in signals:
             signal.signal(sig, self._on_signal)
 
@@ -82,6 +85,20 @@ class StopRequests:
         if self.received is None:
             self.received = signal.Signals(signum).name
             print(f"received {self.received}: stopping with a checkpoint at the next step boundary", file=sys.stderr, flush=True)
+
+    def start_clock(self) -> None:
+        """The loop starts: step times count from here (setup is not a step)."""
+        self._boundary, self._saving = time.monotonic(), 0.0
+
+    @contextlib.contextmanager
+    def saving(self):
+        """Time spent inside is save time, not step time."""
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self._saving += time.monotonic() - start
+            self.observe(save_seconds=time.monotonic() - start)
 
     def observe(self, step_seconds: float = 0.0, save_seconds: float = 0.0) -> None:
         self.longest_step = max(self.longest_step, step_seconds)
@@ -110,6 +127,10 @@ class StopRequests:
         """On every rank at the boundary after `step`: why the job stops now, or None to go
         on. `waits_anyway`: this step waits for the host already (it logs or saves), so an
         agreement costs little; on other steps the ranks agree only every N steps."""
+        if self._boundary is not None:  # the step that just ended, less its save
+            now = time.monotonic()
+            self.observe(step_seconds=now - self._boundary - self._saving)
+            self._boundary, self._saving = now, 0.0
         if not waits_anyway and step < self.next_agreement:
             return None
         self.agreements += 1

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .control import broadcast_from, broadcast_from_rank0, control_group, max_over_ranks
+from parallel.control import broadcast_from, broadcast_from_rank0, max_over_ranks
 
 PREFIX = "step_"
 
@@ -131,12 +131,13 @@ class Checkpointer:
     control group) before anything is renamed, and raised on every rank as one
     CheckpointError naming the step, the directory and the failing rank."""
 
-    def __init__(self, save_dir: Path, keep: int, async_save: bool = False):
-        from .compat import checkpoint_stager
+    def __init__(self, save_dir: Path, keep: int, async_save: bool = False, every: int = 0):
+        from parallel.compat import checkpoint_stager
 
         self.save_dir = Path(save_dir)
         self.keep = keep
         self.async_save = async_save
+        self.every = every  # steps between saves; 0: only at the last step
         self.rank = dist.get_rank()
         self.pending: Optional[_Pending] = None
         self.last_saved: Optional[int] = None
@@ -149,6 +150,29 @@ class Checkpointer:
     def newest_step(self) -> Optional[int]:
         """The step of the newest save, finished or in flight."""
         return self.pending.step if self.pending is not None else self.last_saved
+
+    def due(self, step: int, last_step: int) -> bool:
+        return bool(self.every and step % self.every == 0) or step == last_step
+
+    def maybe_save(self, state, last_step: int) -> Optional[Path]:
+        """Save the run's state (llama.training.step.TrainState) when its step is due."""
+        return self.save_state(state) if self.due(state.step, last_step) else None
+
+    def save_unless_newest(self, state) -> Optional[Path]:
+        """Before stopping early: save unless the newest save is of this very step."""
+        return None if self.newest_step == state.step else self.save_state(state)
+
+    def save_state(self, state) -> Path:
+        return self.save(state.step, state.model, state.optimizer, state.trainer_state())
+
+    def resume(self, path: Optional[Path], state) -> None:
+        """Load `path` (None: a fresh run) into the run's state."""
+        if path is None:
+            return
+        state.restore(load_checkpoint(path, state.model, state.optimizer))
+        self.last_saved = state.step
+        if self.rank == 0:
+            print(f"resumed from {path} at step {state.step}", flush=True)
 
     def save(self, step: int, model, optimizer, trainer: dict) -> Path:
         """Write step `step`; trainer: JSON-able state of the loop (data position, args),

@@ -1,0 +1,125 @@
+"""What a run reads: the training loader and the fixed validation batches, built from
+text or chat data, with the batch cuts that data, context and pipeline parallelism make
+checked before any work.
+
+Rank 0 tokenizes (or finds the token cache) while the other ranks wait; then every rank
+opens the cache it names."""
+
+import datetime
+from dataclasses import dataclass
+from typing import Optional
+
+from llama.chat import ChatDataset, is_chat_data, load_conversation_cache, open_conversation_cache
+from llama.config import ModelArgs
+from llama.data import (
+    DistributedDataLoader, PackedDataset, default_corpus_paths, eval_batches, load_token_cache, open_token_cache,
+    split_documents)
+from parallel.context import check_cp_divides, check_sequence_parallel_divides
+from parallel.control import rank0_first
+from parallel.mesh import dp_rank, dp_size
+from parallel.pipeline import PipelineConfig, check_pipeline
+
+DATA_PREP_TIMEOUT = datetime.timedelta(hours=24)  # how long ranks wait for rank 0 to tokenize
+
+
+def batch_layout(opts, args: ModelArgs, dp: int) -> int:
+    """The global batch, after checking the sequence and batch cuts that context and
+    pipeline parallelism make, before any work: one line naming the flags. As in the
+    planner, --micro-batch is the sequences of one forward: of one pipeline micro-batch
+    under --pp, so that a dp rank runs micro-batch x --pp-microbatches sequences through
+    the schedule per micro-step."""
+    check_cp_divides(opts.seq_len, opts.cp)
+    check_sequence_parallel_divides(opts.seq_len, opts.cp, opts.tp, opts.sequence_parallel)
+    microbatches = check_pipeline(args, opts.pp, PipelineConfig.from_options(opts))
+    global_batch = opts.global_batch or opts.micro_batch * microbatches * dp * opts.grad_accum
+    rows = global_batch // (dp * opts.grad_accum)
+    if opts.pp > 1 and rows % microbatches:
+        raise ValueError(
+            f"each dp rank's {rows} sequences per micro-step (--global-batch / (dp {dp} x --grad-accum "
+            f"{opts.grad_accum})) must be divisible by --pp-microbatches {microbatches}: the pipeline cuts them "
+            "into that many"
+        )
+    return global_batch
+
+
+
+@dataclass
+class TrainingData:
+    loader: DistributedDataLoader
+    validation: list  # this rank's Batches of the fixed validation set; empty without one
+    summary: list  # start-up lines about the data
+
+
+def build_data(opts, tokenizer, mesh, global_batch: int, vocab_size: Optional[int] = None) -> TrainingData:
+    """The training loader and the validation batches. Chat and instruction data are
+    packed whole conversations per window; text is cut into stride windows."""
+    sources = opts.data or default_corpus_paths()
+    chat = is_chat_data(sources, opts.data_format)
+
+    def load(paths):
+        if chat:
+            return load_conversation_cache(
+                paths, tokenizer, opts.cache_dir, data_format=opts.data_format, train_on=opts.train_on,
+                skip_bad_lines=opts.skip_bad_lines,
+            )
+        return load_token_cache(paths, tokenizer, opts.cache_dir)
+
+    def reopen(path, paths):  # rank 0's cache, without hashing every source file again
+        return open_conversation_cache(path, paths) if chat else open_token_cache(path, paths)
+
+    def dataset(cache, documents=None):
+        if chat:
+            return ChatDataset(cache, opts.seq_len, seed=opts.seed, documents=documents)
+        return PackedDataset(
+            cache, opts.seq_len, seed=opts.seed, document_masking=opts.document_masking, documents=documents
+        )
+
+    def tokenize():
+        return [load(paths).path if paths else None for paths in (sources, opts.val_data)]
+
+    # Rank 0 tokenizes (or finds the cache) while the others wait on a gloo group with a
+    # timeout of hours, not the collectives' (python -m llama.data prepare does it ahead
+    # of time); then they open the cache it names.
+    cache_path, val_cache_path = rank0_first(tokenize, DATA_PREP_TIMEOUT)
+    cache = reopen(cache_path, sources)
+    if vocab_size is not None:
+        check_token_ids(cache.max_token_id, vocab_size, f"the token cache of {sources[0]}")
+    train_docs = val_set = None
+    if opts.val_fraction:
+        train_docs, val_docs = split_documents(cache.num_docs, opts.val_fraction, opts.seed)
+        val_set = dataset(cache, val_docs)
+    elif opts.val_data:
+        val_cache = reopen(val_cache_path, opts.val_data)
+        if vocab_size is not None:
+            check_token_ids(val_cache.max_token_id, vocab_size, f"the token cache of {opts.val_data[0]}")
+        val_set = dataset(val_cache)
+    train_set = dataset(cache, train_docs)
+    loader = DistributedDataLoader(
+        train_set, global_batch=global_batch, dp_rank=dp_rank(mesh), dp_size=dp_size(mesh), grad_accum=opts.grad_accum
+    )
+    validation = []
+    if val_set is not None:
+        validation = list(
+            eval_batches(val_set, opts.eval_batches, global_batch, dp_rank(mesh), dp_size(mesh), loader.micro_batch)
+        )
+    summary = []
+    for name, ds in (("train", train_set), ("validation", val_set)):
+        if isinstance(ds, ChatDataset):
+            summary.append(
+                f"{name}: packed {ds.num_tokens:,} tokens into {ds.num_samples:,} windows of {opts.seq_len + 1}: "
+                f"{100 * ds.packing_efficiency:.1f}% packing efficiency, {ds.num_truncated} conversations truncated"
+            )
+    if val_set is not None:
+        samples = len(validation) * loader.micro_batch * dp_size(mesh)
+        summary.append(f"validation: a fixed set of {samples} windows of {val_set.name}, evaluated every {opts.eval_every} steps")
+    return TrainingData(loader, validation, summary)
+
+
+def check_token_ids(max_token_id: int, vocab_size: int, what: str) -> None:
+    """Once at start-up: the model's forward does not check id values (that would wait for
+    the device every step). The caches record their largest id when they are built."""
+    if max_token_id >= vocab_size:
+        raise ValueError(
+            f"{what} holds token id {max_token_id} but the model's vocabulary is {vocab_size}: "
+            "use the --tokenizer the --checkpoint was trained with, or delete the stale cache (--cache-dir)"
+        )
