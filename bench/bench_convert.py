@@ -44,7 +44,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from convert_weights import hf_config_from_args  # noqa: E402
+from llama.weights.hf_config import hf_config_from_args  # noqa: E402
 from llama import ModelArgs  # noqa: E402
 from llama.weights.names import expected_shapes, to_hf_name  # noqa: E402
 from llama.weights.safetensors_io import SafetensorsWriter, nbytes_of  # noqa: E402

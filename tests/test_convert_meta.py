@@ -15,6 +15,7 @@ import llama.weights.meta
 from llama import ModelArgs
 from llama.config import meta_rope_scale_factor
 from llama.weights.format import read_model_args
+from llama.weights.hf_config import same_model
 from llama.weights.kinds import open_source
 from llama.weights.source import check_source
 from parallel.spawn import run_on_ranks
@@ -65,7 +66,7 @@ def test_meta_to_hf_writes_the_hub_layout_and_config(fx, tmp_path):
     assert (config["bos_token_id"], config["eos_token_id"]) == (128000, [128001, 128009])
     assert config["intermediate_size"] == 192 and config["tie_word_embeddings"] is False
     # what transformers would read back is the same model
-    assert convert_weights.same_model(ModelArgs.from_hf_config(out), ARGS)
+    assert same_model(ModelArgs.from_hf_config(out), ARGS)
 
 
 def test_default_token_ids_and_dtype_in_generated_config(fx, tmp_path):
