@@ -25,11 +25,14 @@ import torch
 import torch.distributed as dist
 
 from llama.config import PRESETS, ModelArgs
-from llama.chat import (
-    DATA_FORMATS, TRAIN_ON, ChatDataset, is_chat_data, load_conversation_cache, open_conversation_cache)
-from llama.data import (
-    Batch, DistributedDataLoader, PackedDataset, default_corpus_paths, eval_batches, load_token_cache, open_token_cache,
-    split_documents)
+from llama.data.chat import DATA_FORMATS, TRAIN_ON, is_chat_data
+from llama.data.chat_cache import load_conversation_cache, open_conversation_cache
+from llama.data.chat_packing import ChatDataset
+from llama.data.files import default_corpus_paths
+from llama.data.loader import DistributedDataLoader, eval_batches, split_documents
+from llama.data.packed import PackedDataset
+from llama.data.token_cache import load_token_cache, open_token_cache
+from llama.data.windows import Batch
 from llama.metrics import MemorySnapshot, MetricsLog, StepProfiler, drop_metrics_after, log_line, parse_step_range
 from llama.run_config import parse_with_config, write_config
 from llama.tokenizer import load_tokenizer

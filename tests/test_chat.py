@@ -11,10 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from llama.chat import ChatDataset, detect_data_format, is_chat_data, load_conversation_cache, pack_windows
-from llama.data import (
-    IGNORE_INDEX, DataError, DistributedDataLoader, PackedDataset, encode_conversation, eval_batches,
-    load_token_cache, split_documents)
+from llama.data.chat import detect_data_format, encode_conversation, is_chat_data
+from llama.data.chat_cache import load_conversation_cache
+from llama.data.chat_packing import ChatDataset, pack_windows
+from llama.data.errors import DataError
+from llama.data.loader import DistributedDataLoader, eval_batches, split_documents
+from llama.data.packed import PackedDataset
+from llama.data.token_cache import load_token_cache
+from llama.data.windows import IGNORE_INDEX
 from llama.tokenizer import ByteTokenizer, load_tokenizer
 from tests.test_data import assert_one_line_error
 
@@ -220,7 +224,7 @@ def test_conversation_cache_holds_ids_and_labels_and_is_reused(tmp_path, monkeyp
         ids, labels = first.conversation(i)
         assert (ids.tolist(), labels.tolist()) == encode_conversation(BYTES, d)
     with monkeypatch.context() as m:  # a hit must not encode anything
-        m.setattr("llama.chat.encode_conversation", lambda *a, **k: pytest.fail("re-encoded on a hit"))
+        m.setattr("llama.data.chat.encode_conversation", lambda *a, **k: pytest.fail("re-encoded on a hit"))
         second = load_conversation_cache(tmp_path / "c.jsonl", BYTES, tmp_path / "cache", quiet=True)
     assert second.hit and np.array_equal(second.mask, first.mask)
     last = load_conversation_cache(tmp_path / "c.jsonl", BYTES, tmp_path / "cache", train_on="last", quiet=True)
