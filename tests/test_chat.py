@@ -367,6 +367,12 @@ def test_packing_does_not_depend_on_the_mesh_and_the_seed_shuffles_windows(tmp_p
     a, b = ChatDataset(cache, seq_len=63, seed=9), ChatDataset(cache, seq_len=63, seed=9)
     rows = lambda ds: [ds.row(w) for w in range(ds.num_samples)]
     assert all(np.array_equal(x, y) for ra, rb in zip(rows(a), rows(b)) for x, y in zip(ra, rb))
+    order = lambda ds: [ds.window_index(s) for s in range(ds.num_samples)]  # epoch 0's windows, as visited
+    epoch = lambda ds: ds.get_batch(0, 0, 1, ds.num_samples).inputs  # and their samples
+    other = ChatDataset(cache, seq_len=63, seed=10)
+    assert order(a) == order(b) and torch.equal(epoch(a), epoch(b))  # the same seed twice: the same order
+    assert order(a) != order(other) and not torch.equal(epoch(a), epoch(other))  # another seed: another order
+    assert sorted(order(other)) == list(range(other.num_samples))  # every window once
     one = DistributedDataLoader(a, global_batch=4, dp_size=1)
     two = [DistributedDataLoader(b, global_batch=4, dp_rank=r, dp_size=2) for r in range(2)]
     assert torch.equal(next(one).inputs, torch.cat([next(loader).inputs for loader in two]))
