@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from llama import ModelArgs
-from llama.data import Batch
+from llama.data.windows import Batch
 from llama.training.checkpoint import Checkpointer
 from parallel.fsdp import build_parallel_model
 from parallel.layers import vocab_parallel_cross_entropy

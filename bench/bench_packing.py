@@ -21,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama.chat import ChatDataset, ConversationCache, pack_windows  # noqa: E402
+from llama.data.chat_cache import ConversationCache  # noqa: E402
+from llama.data.chat_packing import ChatDataset, pack_windows  # noqa: E402
 
 
 def synthetic_cache(lengths: np.ndarray, seed: int) -> ConversationCache:

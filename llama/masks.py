@@ -173,8 +173,8 @@ def masked_attention(q, k, v, mask: DocumentMask, enable_gqa: bool) -> torch.Ten
 
 def check_document_ids(document_ids: torch.Tensor, tokens: torch.Tensor) -> None:
     """Shape and dtype only: checking the values (non-decreasing rows) would read them on
-    the host, a device sync in every forward. Our datasets (llama/data.py, llama/chat.py)
-    number documents 0, 1, 2, ... along each row by construction."""
+    the host, a device sync in every forward. Our datasets (llama/data/packed.py and
+    llama/data/chat_packing.py) number documents 0, 1, 2, ... along each row by construction."""
     if document_ids.shape != tokens.shape or document_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(
             f"document_ids must be an integer tensor shaped like tokens {tuple(tokens.shape)}, "

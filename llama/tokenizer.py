@@ -94,8 +94,8 @@ _SPACE, _NON_SPACE = re.compile(r"\s"), re.compile(r"\S")
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+={0,2} \d+$")
 
 # Chat roles and the header text each one gets ("tool" is Meta's alias).
-_CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant",
-               "ipython": "ipython", "tool": "ipython"}
+CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant",
+              "ipython": "ipython", "tool": "ipython"}
 _CHAT_SPECIALS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 ACCEPTED_KINDS = (
@@ -156,7 +156,7 @@ class Tokenizer(ABC):
                 "[INST] chat format is not implemented, use a Llama 3 or the byte tokenizer")
         ids = [self.bos_id]
         for message in messages:
-            role, content = _role_and_content(message)
+            role, content = role_and_content(message)
             ids += self._encode_header(role)
             ids += self.encode(content.strip())
             ids.append(self.special_tokens["<|eot_id|>"])
@@ -184,18 +184,19 @@ class Tokenizer(ABC):
                 f"eos_id={self.eos_id}, pad_id={self.pad_id})")
 
 
-def _role_and_content(message) -> tuple[str, str]:
+def role_and_content(message) -> tuple[str, str]:
+    """(header role, content) of a chat message: a dict or an object with role and content."""
     if isinstance(message, dict):
         role, content = message.get("role"), message.get("content")
     else:
         role, content = getattr(message, "role", None), getattr(message, "content", None)
     role = getattr(role, "value", role)  # accept enum roles
-    if role not in _CHAT_ROLES:
-        raise ValueError(f"chat message role {role!r} is not one of {sorted(_CHAT_ROLES)}")
+    if role not in CHAT_ROLES:
+        raise ValueError(f"chat message role {role!r} is not one of {sorted(CHAT_ROLES)}")
     if not isinstance(content, str):
         raise ValueError(f"chat message content must be a str, got {type(content).__name__} "
                          f"(images and tool calls are not supported)")
-    return _CHAT_ROLES[role], content
+    return CHAT_ROLES[role], content
 
 
 def _sha256(*parts: bytes | str) -> str:

@@ -11,10 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from llama.chat import ChatDataset, detect_data_format, is_chat_data, load_conversation_cache, pack_windows
-from llama.data import (
-    IGNORE_INDEX, DataError, DistributedDataLoader, PackedDataset, encode_conversation, eval_batches,
-    load_token_cache, split_documents)
+from llama.data.chat import detect_data_format, encode_conversation, is_chat_data
+from llama.data.chat_cache import load_conversation_cache
+from llama.data.chat_packing import ChatDataset, pack_windows
+from llama.data.errors import DataError
+from llama.data.loader import DistributedDataLoader, eval_batches, split_documents
+from llama.data.packed import PackedDataset
+from llama.data.token_cache import load_token_cache
+from llama.data.windows import IGNORE_INDEX
 from llama.tokenizer import ByteTokenizer, load_tokenizer
 from tests.test_data import assert_one_line_error
 
@@ -220,7 +224,7 @@ def test_conversation_cache_holds_ids_and_labels_and_is_reused(tmp_path, monkeyp
         ids, labels = first.conversation(i)
         assert (ids.tolist(), labels.tolist()) == encode_conversation(BYTES, d)
     with monkeypatch.context() as m:  # a hit must not encode anything
-        m.setattr("llama.chat.encode_conversation", lambda *a, **k: pytest.fail("re-encoded on a hit"))
+        m.setattr("llama.data.chat.encode_conversation", lambda *a, **k: pytest.fail("re-encoded on a hit"))
         second = load_conversation_cache(tmp_path / "c.jsonl", BYTES, tmp_path / "cache", quiet=True)
     assert second.hit and np.array_equal(second.mask, first.mask)
     last = load_conversation_cache(tmp_path / "c.jsonl", BYTES, tmp_path / "cache", train_on="last", quiet=True)
@@ -363,6 +367,12 @@ def test_packing_does_not_depend_on_the_mesh_and_the_seed_shuffles_windows(tmp_p
     a, b = ChatDataset(cache, seq_len=63, seed=9), ChatDataset(cache, seq_len=63, seed=9)
     rows = lambda ds: [ds.row(w) for w in range(ds.num_samples)]
     assert all(np.array_equal(x, y) for ra, rb in zip(rows(a), rows(b)) for x, y in zip(ra, rb))
+    order = lambda ds: [ds.window_index(s) for s in range(ds.num_samples)]  # epoch 0's windows, as visited
+    epoch = lambda ds: ds.get_batch(0, 0, 1, ds.num_samples).inputs  # and their samples
+    other = ChatDataset(cache, seq_len=63, seed=10)
+    assert order(a) == order(b) and torch.equal(epoch(a), epoch(b))  # the same seed twice: the same order
+    assert order(a) != order(other) and not torch.equal(epoch(a), epoch(other))  # another seed: another order
+    assert sorted(order(other)) == list(range(other.num_samples))  # every window once
     one = DistributedDataLoader(a, global_batch=4, dp_size=1)
     two = [DistributedDataLoader(b, global_batch=4, dp_rank=r, dp_size=2) for r in range(2)]
     assert torch.equal(next(one).inputs, torch.cat([next(loader).inputs for loader in two]))

@@ -259,9 +259,10 @@ def test_an_error_while_rank0_tokenizes_is_raised_on_every_rank():
 
 
 def test_other_ranks_open_rank0s_cache_without_reading_the_corpus_again(tmp_path, monkeypatch):
-    import llama.data
-    from llama.chat import load_conversation_cache, open_conversation_cache
-    from llama.data import DataError, load_token_cache, open_token_cache
+    from llama.data import token_cache
+    from llama.data.chat_cache import load_conversation_cache, open_conversation_cache
+    from llama.data.errors import DataError
+    from llama.data.token_cache import load_token_cache, open_token_cache
     from llama.tokenizer import load_tokenizer
 
     (tmp_path / "a.txt").write_text("first document\n\nsecond one")
@@ -273,7 +274,7 @@ def test_other_ranks_open_rank0s_cache_without_reading_the_corpus_again(tmp_path
     def no_hashing(path):
         raise AssertionError(f"{path} was read again")
 
-    monkeypatch.setattr(llama.data, "file_sha256", no_hashing)
+    monkeypatch.setattr(token_cache, "file_sha256", no_hashing)
     opened = open_token_cache(built.path, [tmp_path / "a.txt"])
     assert np.array_equal(opened.tokens, built.tokens) and opened.max_token_id == built.max_token_id
     assert np.array_equal(open_conversation_cache(chat.path, [tmp_path / "c.jsonl"]).tokens, chat.tokens)
@@ -349,7 +350,8 @@ def test_train_step_skips_the_update_of_a_nan_step_with_either_adamw(fused):
     import numpy as np
 
     from llama import ModelArgs, Transformer
-    from llama.data import DistributedDataLoader, PackedDataset
+    from llama.data.loader import DistributedDataLoader
+    from llama.data.packed import PackedDataset
 
     args = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64, multiple_of=16, max_seq_len=16)
     torch.manual_seed(0)

@@ -1,6 +1,7 @@
 """Data pipeline: token cache, packed windows, data-parallel batches and resumption."""
 
 import importlib.resources
+import inspect
 import json
 import os
 import sysconfig
@@ -11,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from llama import data
-from llama.data import (
-    DataError, DistributedDataLoader, PackedDataset, Permutation, default_cache_dir, default_corpus_paths,
-    load_token_cache, micro_batch_size)
+from llama.data import files
+from llama.data.errors import DataError
+from llama.data.files import default_corpus_paths
+from llama.data.loader import DistributedDataLoader, micro_batch_size
+from llama.data.packed import PackedDataset
+from llama.data.token_cache import default_cache_dir, load_token_cache
+from llama.data.windows import Permutation
 from llama.tokenizer import ByteTokenizer, load_tokenizer
 
 LLAMA3_MODEL = Path(str(importlib.resources.files("llama_models") / "llama3" / "tokenizer.model"))
@@ -111,7 +115,7 @@ def test_progress_goes_to_stderr_unless_quiet(tmp_path, capsys, monkeypatch):
         (tmp_path / "data" / f"big{i}.txt").write_text("many words " * 10_000)  # 110 kB each
         docs.append("many words " * 10_000)
     num_tokens = sum(len(BYTES.encode(d, bos=True, eos=True)) for d in docs)
-    monkeypatch.setattr(data, "PART_BYTES", 100_000)  # chunks end at 25%, 50%, 75%, 99.98%, 100%
+    monkeypatch.setattr(files, "PART_BYTES", 100_000)  # chunks end at 25%, 50%, 75%, 99.98%, 100%
     load_token_cache(tmp_path / "data", BYTES, tmp_path / "cache")
     out, err = capsys.readouterr()
     progress = [line for line in err.splitlines() if line.startswith("tokenizing: ")]
@@ -339,3 +343,14 @@ def test_invalid_utf8_is_replaced_counted_and_warned_not_an_error(tmp_path, caps
     assert warnings == [
         f"warning: {tmp_path / 'bad.jsonl'}:2: 1 invalid UTF-8 byte sequence(s) replaced with U+FFFD",
         f"warning: {tmp_path / 'bad.txt'}:2: 3 invalid UTF-8 byte sequence(s) replaced with U+FFFD"]
+
+
+def test_the_package_re_exports_the_names_imported_from_llama_data_and_llama_chat_before_it():
+    import llama.data
+    from llama.data import chat
+
+    assert llama.data.encode_conversation is chat.encode_conversation
+    for name in llama.data.__all__:
+        value = getattr(llama.data, name)
+        if inspect.isfunction(value) or isinstance(value, type):  # not the constants and type aliases
+            assert value.__module__.startswith("llama.data."), f"{name} comes from {value.__module__}"

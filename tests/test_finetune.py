@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from llama import ModelArgs, Transformer
-from llama.chat import ChatDataset, load_conversation_cache
-from llama.data import DistributedDataLoader, eval_batches, split_documents
+from llama.data.chat_cache import load_conversation_cache
+from llama.data.chat_packing import ChatDataset
+from llama.data.loader import DistributedDataLoader, eval_batches, split_documents
 from llama.tokenizer import ByteTokenizer
 from parallel.spawn import run_on_ranks
 

@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llama import chat, data
-from llama.chat import load_conversation_cache
-from llama.data import Progress, TokenCache, load_token_cache, main, prepare
+from llama.data import chat_cache, files, token_cache
+from llama.data.chat_cache import load_conversation_cache
+from llama.data.cli import main, prepare
+from llama.data.progress import Progress
+from llama.data.token_cache import TokenCache, load_token_cache
 from llama.tokenizer import ByteTokenizer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +62,7 @@ def run_cli(*args, timeout=120) -> subprocess.CompletedProcess:
 
 def test_two_workers_write_the_same_cache_bytes_as_one(tmp_path, monkeypatch, capsys):
     docs = text_corpus(tmp_path / "data")
-    monkeypatch.setattr(data, "PART_BYTES", 2_000)  # dozens of chunks, so both workers get several
+    monkeypatch.setattr(files, "PART_BYTES", 2_000)  # dozens of chunks, so both workers get several
     llama3 = load_tokenizer(LLAMA3_MODEL)  # reloaded from its path in each worker
     serial = prepare([tmp_path / "data"], llama3, tmp_path / "serial", workers=1)[0]
     parallel = prepare([tmp_path / "data"], llama3, tmp_path / "parallel", workers=2)[0]
@@ -225,14 +227,14 @@ def test_max_token_id_is_recorded_when_built_and_read_back_without_a_scan(tmp_pa
     docs = [line for line in lines if max(sp.encode(line)) < top]
     docs.append(next(line for line in lines if max(sp.encode(line)) == top))  # the largest id: last chunk only
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    monkeypatch.setattr(data, "PART_BYTES", 500)
+    monkeypatch.setattr(files, "PART_BYTES", 500)
     assert len(docs) > 100 and top > sp.eos_id
     expected = top
 
     built = load_token_cache(tmp_path / "a.jsonl", sp, tmp_path / "cache", quiet=True)
     assert built.max_token_id == expected == int(built.tokens.max())
     assert json.loads(built.path.read_text())["max_token_id"] == expected
-    monkeypatch.setattr(data, "largest_token_id", lambda tokens: pytest.fail("scanned the cache on a hit"))
+    monkeypatch.setattr(token_cache, "largest_token_id", lambda tokens: pytest.fail("scanned the cache on a hit"))
     hit = load_token_cache(tmp_path / "a.jsonl", sp, tmp_path / "cache", quiet=True)
     assert hit.hit and hit.max_token_id == expected
 
@@ -248,9 +250,9 @@ def test_conversation_cache_records_max_token_id_and_an_in_memory_cache_computes
 
 
 @pytest.mark.parametrize("module, version, before, load", [
-    (data, "CACHE_VERSION", 2,
+    (token_cache, "CACHE_VERSION", 2,
      lambda path, cache_dir: load_token_cache(path / "docs.jsonl", BYTES, cache_dir, quiet=True)),
-    (chat, "CHAT_CACHE_VERSION", 1,
+    (chat_cache, "CHAT_CACHE_VERSION", 1,
      lambda path, cache_dir: load_conversation_cache(path / "chat.jsonl", BYTES, cache_dir, quiet=True)),
 ], ids=["text", "chat"])
 def test_a_cache_from_before_max_token_id_is_rebuilt(tmp_path, monkeypatch, module, version, before, load):

@@ -28,7 +28,8 @@ from llama.training.inputs import check_token_ids
 from llama.training.optim import build_optimizer, param_groups
 from llama.training.step import Trainee, train_step
 from llama import ModelArgs, Transformer
-from llama.data import DistributedDataLoader, PackedDataset
+from llama.data.loader import DistributedDataLoader
+from llama.data.packed import PackedDataset
 from llama.generate import DTYPES, generate, parse_args as generate_args
 from llama.masks import gqa_needs_expanded_kv
 from parallel.layers import head_layout, reduce_partial_gradients, vocab_parallel_cross_entropy
@@ -293,7 +294,7 @@ def test_each_decoded_token_reads_one_id_and_builds_no_tensor(temperature):
 
 
 def test_token_cache_ids_are_checked_once_against_the_vocabulary(tmp_path):
-    from llama.data import load_token_cache
+    from llama.data.token_cache import load_token_cache
     from llama.tokenizer import load_tokenizer
 
     (tmp_path / "text.txt").write_text("plain ascii, then one byte above it: \u00ff")

@@ -3,7 +3,7 @@ over a --config TOML; what the run, the planner's defaults and the GPU check rea
 
 import argparse
 
-from llama.chat import DATA_FORMATS, TRAIN_ON
+from llama.data.chat import DATA_FORMATS, TRAIN_ON
 from llama.config import PRESETS
 from parallel.fsdp import STRATEGIES
 from parallel.pipeline import add_pipeline_arguments

@@ -9,11 +9,14 @@ import datetime
 from dataclasses import dataclass
 from typing import Optional
 
-from llama.chat import ChatDataset, is_chat_data, load_conversation_cache, open_conversation_cache
 from llama.config import ModelArgs
-from llama.data import (
-    DistributedDataLoader, PackedDataset, default_corpus_paths, eval_batches, load_token_cache, open_token_cache,
-    split_documents)
+from llama.data.chat import is_chat_data
+from llama.data.chat_cache import load_conversation_cache, open_conversation_cache
+from llama.data.chat_packing import ChatDataset
+from llama.data.files import default_corpus_paths
+from llama.data.loader import DistributedDataLoader, eval_batches, split_documents
+from llama.data.packed import PackedDataset
+from llama.data.token_cache import load_token_cache, open_token_cache
 from parallel.context import check_cp_divides, check_sequence_parallel_divides
 from parallel.control import rank0_first
 from parallel.mesh import dp_rank, dp_size

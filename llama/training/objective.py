@@ -7,7 +7,8 @@ never gathered)."""
 
 import torch
 
-from llama.data import Batch, DistributedDataLoader
+from llama.data.loader import DistributedDataLoader
+from llama.data.windows import Batch
 from parallel.layers import vocab_parallel_cross_entropy
 
 

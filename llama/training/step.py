@@ -8,7 +8,8 @@ from typing import Optional
 
 import torch
 
-from llama.data import Batch, DistributedDataLoader
+from llama.data.loader import DistributedDataLoader
+from llama.data.windows import Batch
 from parallel.context import split_for_cp
 from parallel.pipeline import Pipeline
 from parallel.train_utils import clip_grad_norm_
