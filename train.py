@@ -45,7 +45,9 @@ from parallel.mesh import (
     batch_mesh, build_mesh, cp_mesh, cuda_device_for_rank, default_tp, dp_rank, dp_size, exit_without_teardown,
     gpus_per_node, init_distributed, local_device, pp_mesh, warn_if_tp_crosses_nodes)
 from parallel.pipeline import Pipeline, PipelineConfig, add_pipeline_arguments, build_pipeline, check_pipeline
-from parallel.plan import Layout, StepConfig, choose_tp
+from parallel.plan.config import StepConfig
+from parallel.plan.layout import Layout
+from parallel.plan.planner import choose_tp
 from parallel.preemption import PREEMPTED_EXIT_CODE, StopRequests, parse_signals, parse_time_limit
 from parallel.train_utils import clip_grad_norm_, sum_over_batch
 
