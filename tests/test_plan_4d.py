@@ -201,8 +201,9 @@ def test_llama3_8192_gpu_layout_holds_its_stage_in_closed_form():
     binding rank is pp rank 1 (8 layers; 15 forwards in flight against rank 0's 16 of 7).
     Its 8 blocks' shards over tp 8 x dp 64 as fp32 params, grads and AdamW m, v; the stage
     gathered in bf16 and its gradients accumulated unsharded in fp32 (plus one block's bf16
-    gradient and fp32 reduce-scatter input); 15 x 8 checkpointed block inputs (B s/tp h
-    bf16) and one block rebuilt in full."""
+    gradient and fp32 reduce-scatter input); 15 x 8 checkpointed blocks, each keeping its
+    input and its two reduce-scatter outputs (B s/tp h bf16 each), and one block rebuilt in
+    full."""
     args = PRESETS["3.1-405b"]
     p = _llama3(8192, 16, 1, 8192, 32)
     h, f, s, q, kv = args.dim, args.ffn_hidden_dim // 8, 8192, 16 * args.head_dim, 1 * args.head_dim
@@ -214,7 +215,7 @@ def test_llama3_8192_gpu_layout_holds_its_stage_in_closed_form():
     assert (p["unsharded_grad_bytes"], p["reduce_scatter_bytes"]) == (4 * 8 * 64 * block + 2 * 64 * block, 4 * 64 * block)
     norm, region = 6 * (s // 8) * h, 2 * s * h
     full_block = 2 * norm + 2 * region + 2 * s * q + 4 * s * q + 4 * 16 * s + 8 * s * f + 2 * 2 * s * kv
-    assert p["activation_bytes"] == 15 * 8 * 2 * (s // 8) * h + full_block
+    assert p["activation_bytes"] == 15 * 8 * 3 * 2 * (s // 8) * h + full_block
 
 
 def block_params_of(args) -> int:
@@ -230,8 +231,9 @@ TINY_CFG = StepConfig(seq_len=32, batch=2, grad_accum=1, sequence_parallel=False
 def test_context_parallel_ranks_hold_seq_over_cp_and_gather_whole_keys_and_values():
     """cp 2 on a 2-rank world (tp 1, dp 1): per block the rank keeps its half of the
     sequence's activations and the whole sequence's K and V (2 x 4 x B x S x kv bytes),
-    all-gathers K and V in forward and reduce-scatters their gradients in backward; FSDP
-    shards over dp x cp = 2."""
+    all-gathers K and V in forward and reduce-scatters their gradients in backward, both in
+    one collective each way (llama/model.py gathers them concatenated); FSDP shards over
+    dp x cp = 2."""
     one = plan(TINY4, 1, 1, cfg=TINY_CFG, strategies=["full"])["full"]
     two = plan(TINY4, 2, 1, cfg=TINY_CFG, strategies=["full"], layout=Layout(cp=2))["full"]
     B, S, L = TINY_CFG.batch, TINY_CFG.seq_len, TINY4.n_layers
@@ -242,8 +244,8 @@ def test_context_parallel_ranks_hold_seq_over_cp_and_gather_whole_keys_and_value
     dp2 = plan(TINY4, 2, 1, cfg=TINY_CFG, strategies=["full"])["full"]
     assert two["params_per_rank"] == dp2["params_per_rank"] < one["params_per_rank"]
     cp = two["comm"]["cp"]
-    assert cp["all_gather"] == {"calls": 2 * L, "bytes": 2 * L * kv, "wire_bytes": L * kv}
-    assert cp["reduce_scatter"] == {"calls": 2 * L, "bytes": 2 * L * kv, "wire_bytes": L * kv}
+    assert cp["all_gather"] == {"calls": L, "bytes": 2 * L * kv, "wire_bytes": L * kv}
+    assert cp["reduce_scatter"] == {"calls": L, "bytes": 2 * L * kv, "wire_bytes": L * kv}
     assert "dp x cp" in two["comm"]  # FSDP's gathers and reduce-scatters run over dp x cp
 
 

@@ -31,6 +31,24 @@ def test_fsdp_gradient_buffers_are_one_block_unsharded_plus_its_fp32_reduce_scat
     assert (fp32["unsharded_grad_bytes"], fp32["reduce_scatter_bytes"]) == (4 * BLOCK, 4 * BLOCK)
 
 
+def test_a_checkpointed_block_keeps_its_input_and_at_tp_2_its_two_reductions_outputs():
+    """Two more checkpointed blocks add two blocks' kept tensors: at tp 1 the input alone
+    (b B s h); at tp 2 also the outputs of the attention's and the MLP's reduction
+    (parallel/fsdp.py keep_reductions), each the input's size: b B s/2 h with sequence
+    parallelism, b B s h without."""
+    cfg = replace(FP32, activation_checkpointing="full", grad_accum=1)
+    b, B, s = 4, cfg.batch, cfg.seq_len
+
+    def added(tp, sp):
+        acts = [plan(replace(ARGS, n_layers=n), 4, tp=tp, cfg=replace(cfg, sequence_parallel=sp),
+                     strategies=["full"])["full"]["activation_bytes"] for n in (2, 4)]
+        return acts[1] - acts[0]
+
+    assert added(1, False) == 2 * b * B * s * D
+    assert added(2, True) == 2 * 3 * b * B * (s // 2) * D
+    assert added(2, False) == 2 * 3 * b * B * s * D
+
+
 def test_what_the_allocator_does_not_count_is_added_to_the_total():
     """2x2: three NCCL communicators (dp, tp, world), one CUDA context, slack on the peak."""
     p = plan(ARGS, 4, tp=2, cfg=FP32, strategies=["full"])["full"]

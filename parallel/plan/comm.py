@@ -58,8 +58,9 @@ def tp_collectives(model, cfg: StepConfig, tp: int, rank: Optional[PipelineRank]
     """Per optimizer step, the tensor-parallel layers' collectives. Per micro-batch
     (Megatron's minimum): per block 2 in forward, 2 in backward, each an all-reduce of the
     (batch, seq/cp, dim) activation, or a reduce-scatter + all-gather pair with sequence
-    parallelism; the forward of recomputed blocks again up to w2; the embedding's on the
-    first stage; the head's and the loss's small all-gather on the last. Per micro-step
+    parallelism; in a recomputed block's forward again only the region inputs' (the two
+    all-gathers with sequence parallelism, nothing without); the embedding's on the first
+    stage; the head's and the loss's small all-gather on the last. Per micro-step
     without a pipeline, once per step with one: the all-reduce of each gradient the tp ranks
     computed in part (kv projections shared when tp > n_kv_heads), which FSDP does when it
     reduces. Per micro-batch, under sequence parallelism: each norm weight's fp32 all-reduce
@@ -84,9 +85,9 @@ def tp_collectives(model, cfg: StepConfig, tp: int, rank: Optional[PipelineRank]
 
     block_fwd = enter("fwd") + leave("fwd") + enter("fwd") + leave("fwd")
     block_bwd = enter("bwd") + leave("bwd") + enter("bwd") + leave("bwd")
-    # Recomputation stops once the last tensor backward needs is rebuilt (the MLP's
-    # product, w2's input), so w2's collective is not repeated.
-    recompute = enter("fwd") + leave("fwd") + enter("fwd")
+    # A recomputed block takes its reductions' outputs from the first forward
+    # (parallel/fsdp.py keep_reductions) and sends its region inputs' gathers again.
+    recompute = enter("fwd") + enter("fwd")
     checkpointed = set(checkpointed_blocks(args.n_layers, cfg.activation_checkpointing))
     recomputed = sum(1 for layer in rank.layers if layer in checkpointed)
     out = leave("fwd") + leave("bwd") if rank.first else []  # embedding
@@ -108,16 +109,17 @@ def tp_collectives(model, cfg: StepConfig, tp: int, rank: Optional[PipelineRank]
 
 def cp_collectives(model, cfg: StepConfig, cp: int, rank: PipelineRank, microbatches: int) -> list:
     """Per optimizer step, context parallelism as in Llama 3: each block all-gathers its
-    keys and values over cp in forward (again when recomputed), and reduce-scatters their
-    gradients in backward; each payload is the whole sequence's K (or V) for this rank's
-    kv heads. (The document ids' one small gather per micro-batch is left out.)"""
+    keys and values over cp in forward, both in one collective, again when recomputed,
+    and reduce-scatters their gradients in backward, again in one; each payload is the
+    whole sequence's K and V for this rank's kv heads. (The document ids' one small
+    gather per micro-batch is left out.)"""
     if cp == 1:
         return []
     args = model.args
     layout = model.layers[0].attention.layout
-    payload = cfg.compute_bytes * cfg.batch * cfg.seq_len * layout.n_local_kv_heads * args.head_dim
-    gather = [Collective("cp", "all_gather", payload, cp)] * 2  # K and V
-    scatter = [Collective("cp", "reduce_scatter", payload, cp)] * 2
+    payload = 2 * cfg.compute_bytes * cfg.batch * cfg.seq_len * layout.n_local_kv_heads * args.head_dim  # K and V
+    gather = [Collective("cp", "all_gather", payload, cp)]
+    scatter = [Collective("cp", "reduce_scatter", payload, cp)]
     checkpointed = set(checkpointed_blocks(args.n_layers, cfg.activation_checkpointing))
     recomputed = sum(1 for layer in rank.layers if layer in checkpointed)
     per_microbatch = (gather + scatter) * len(rank.layers) + gather * recomputed

@@ -71,19 +71,23 @@ def block_activation_bytes(model, cfg: StepConfig, tp: int, cp: int = 1) -> tupl
 def activation_bytes(model, cfg: StepConfig, tp: int, cp: int = 1, rank: Optional[PipelineRank] = None) -> tuple:
     """(activations, keys and values) a rank keeps for backward at its peak: for each
     forward in flight (one without a pipeline; see forwards_in_flight), its stage's blocks,
-    a checkpointed block keeping only its input b B s' h; one checkpointed block rebuilt at
-    a time; and on the last stage the head: norm + region input + `loss_bytes`."""
+    a checkpointed block keeping its input b B s' h and, when tp > 1, the outputs of its two
+    tp reductions (parallel/fsdp.py keep_reductions), each the input's size: the attention's
+    and the MLP's all-reduce, or with sequence parallelism their reduce-scatter; one
+    checkpointed block rebuilt at a time; and on the last stage the head: norm + region
+    input + `loss_bytes`."""
     args = model.args
     rank = rank or whole_model(args.n_layers)
     block, kv = block_activation_bytes(model, cfg, tp, cp)
     b, B, s, h = cfg.compute_bytes, cfg.batch, cfg.seq_len // cp, args.dim
     s_local = s // tp if cfg.sequence_parallel and tp > 1 else s
     checkpointed = set(checkpointed_blocks(args.n_layers, cfg.activation_checkpointing))
+    kept = (1 + (2 if tp > 1 else 0)) * b * B * s_local * h  # a checkpointed block's input and reductions
     activations = keys_values = 0
     for stage in rank.in_flight:
         for layer in rank.layers_of(stage):
             if layer in checkpointed:
-                activations += b * B * s_local * h
+                activations += kept
             else:
                 activations += block
                 keys_values += kv
