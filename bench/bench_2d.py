@@ -1,6 +1,6 @@
 """Training-step throughput of the 2-D model on 4 CPU processes (gloo) for the meshes
 2x2, 4x1 and 1x4 (dp x tp) at the same global batch, with each step's collectives per
-mesh dimension (counted by parallel.plan.CommCounter on a separate, untimed step).
+mesh dimension (counted by parallel.plan.counter.CommCounter on a separate, untimed step).
 
     PYTHONPATH=. python bench/bench_2d.py [--preset debug] [--seq-len 256] [--global-batch 8]
 
@@ -24,7 +24,7 @@ import torch.distributed as dist
 from llama import PRESETS, ModelArgs
 from parallel.fsdp import build_parallel_model
 from parallel.mesh import build_mesh, dp_rank
-from parallel.plan import CommCounter
+from parallel.plan.counter import CommCounter
 from parallel.spawn import run_on_ranks
 from parallel.train_utils import clip_grad_norm_, token_loss
 

@@ -134,7 +134,8 @@ def check_plan(opts, ctx) -> dict:
     """The planner's prediction for train.py's step on this device (train.py's defaults:
     document masking, bf16 on CUDA), made on its own fake world before the real one-rank
     group exists."""
-    from parallel.plan import StepConfig, plan
+    from parallel.plan.config import StepConfig
+    from parallel.plan.planner import plan
 
     cfg = StepConfig(seq_len=opts.seq_len, batch=opts.micro_batch, sequence_parallel=False,
                      mixed_precision="bf16" if opts.device == "cuda" else "fp32", activation_checkpointing="none",

@@ -36,7 +36,7 @@ from typing import Optional, Union
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from llama.config import ModelArgs
 from llama.model import Transformer
@@ -123,10 +123,36 @@ def checkpointed_blocks(n_layers: int, mode: str) -> list:
     return []
 
 
-def _recompute_in_backward(forward):
+# The collectives whose outputs a recomputed block takes from its first forward instead
+# of sending them again: the reductions that leave the tensor-parallel region
+# (parallel/layers.py _leave_region), the all-reduce of each row-parallel output, or with
+# sequence parallelism its reduce-scatter. Each is the size of the block's input (under
+# SP, of its sequence shard), two per block. The all-gathers (SP's region inputs, the cp
+# K/V gather) are tp or cp times larger, so they are sent again, and everything else is
+# recomputed: the collectives of torchtitan's op-level policy, without its saved matmuls.
+# The ops are those under parallel/compat.py's functional collectives, alike on every
+# torch we admit; the wait_tensor after a saved output is recomputed, and finds the
+# collective done.
+SAVED_REDUCTIONS = frozenset(
+    getattr(torch.ops._c10d_functional, name).default for name in ("all_reduce", "reduce_scatter_tensor")
+)
+
+
+def keep_reductions(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """The selective checkpointing policy: the tp reductions' outputs saved, the rest recomputed."""
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_REDUCTIONS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _saving_reductions():
+    return create_selective_checkpoint_contexts(keep_reductions)
+
+
+def _recompute_in_backward(forward, save_reductions: bool = True):
+    context_fn = _saving_reductions if save_reductions else noop_context_fn
+
     @functools.wraps(forward)
     def run(*args, **kwargs):
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
 
     return run
 
@@ -139,16 +165,22 @@ def blocks(model: Transformer) -> list:
     return list(enumerate(model.layers))
 
 
-def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
+def apply_activation_checkpointing(model: Transformer, mode: str, compiled: bool = False) -> None:
     # The block's forward is wrapped in place rather than the block in a wrapper module:
     # parameter names stay Meta's (`layers.0.attention.wq.weight`), which checkpoint
     # loading and DCP rely on. FSDP's hooks sit outside, so recomputation re-gathers nothing.
     # Block ids are the whole model's, so a pipeline stage recomputes the blocks it would
     # recompute without a pipeline.
+    # `compiled`: the blocks' forwards are torch.compile's (apply_compile), and a compiled
+    # block recomputes everything. Around the compiled graph the policy would see
+    # inductor's collectives, not ours: its all-reduces run in place (all_reduce_, which
+    # the policy does not save), and a saved reduce-scatter output is a buffer of the
+    # graph's, kept correct only as long as inductor writes nothing else into it, which
+    # nothing promises.
     chosen = set(checkpointed_blocks(model.args.n_layers, mode))
     for i, block in blocks(model):
         if i in chosen:
-            block.forward = _recompute_in_backward(block.forward)
+            block.forward = _recompute_in_backward(block.forward, save_reductions=not compiled)
 
 
 def apply_compile(model: Transformer, backend: str = "inductor") -> None:
@@ -244,7 +276,7 @@ def build_parallel_model(
         apply_compile(model, "inductor" if compile is True else compile)
     # after compile: checkpoint runs eagerly around the compiled block (traced inside a
     # graph, the checkpoint would have to save the tp layers' DeviceMesh, which it cannot)
-    apply_activation_checkpointing(model, activation_checkpointing)
+    apply_activation_checkpointing(model, activation_checkpointing, compiled=bool(compile))
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     apply_fsdp(model, mesh, plan, mp_policy, offload)
     if not materialize:

@@ -6,7 +6,11 @@ the blocks: the embedding's exit (1 forward; with sequence parallelism its
 all-gather backward too), the LM head's entry (1 backward, plus
 1 all-gather forward with sequence parallelism), the loss (1 small all-gather of
 per-token statistics), and, with sequence parallelism, one small fp32 all-reduce per
-norm weight in backward (2 per block, 1 for the final norm) that sums its gradient."""
+norm weight in backward (2 per block, 1 for the final norm) that sums its gradient.
+
+A block recomputed under activation checkpointing sends its region inputs' all-gathers
+again but takes its reductions' outputs from the first forward (parallel/fsdp.py
+keep_reductions); the planner counts the same."""
 
 import pytest
 import torch
@@ -38,13 +42,58 @@ def _count_collectives(n_layers: int, sequence_parallel: bool) -> dict:
     return counts
 
 
-def _counts_for_one_and_two_layers():
-    return {(layers, sp): _count_collectives(layers, sp) for layers in (1, 2) for sp in (False, True)}
+def _recomputed_step(mesh_dim: str, sequence_parallel: bool, checkpointing: str) -> tuple:
+    """(collectives per op, gradients) of one forward + backward of a 2-block model on a 1-D
+    mesh of every rank, tp (with or without sequence parallelism) or cp, its blocks
+    checkpointed as build_parallel_model checkpoints them."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from parallel.context import split_for_cp
+    from parallel.fsdp import apply_activation_checkpointing
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=(mesh_dim,))
+    tp, cp = (mesh, None) if mesh_dim == "tp" else (None, mesh)
+    with torch.device("meta"):
+        model = Transformer(RECOMPUTED_ARGS, tp, sequence_parallel=sequence_parallel, cp_mesh=cp)
+    model.init_weights(seed=0)
+    apply_activation_checkpointing(model, checkpointing)
+    tokens, targets = (split_for_cp(t, cp) for t in batch(RECOMPUTED_ARGS))
+    with CommDebugMode() as comm:
+        vocab_parallel_cross_entropy(model(tokens), targets).backward()
+        reduce_partial_gradients(model)
+    counts = {}
+    for op, n in comm.get_comm_counts().items():
+        name = str(op).split(".")[-1]
+        counts[name] = counts.get(name, 0) + n
+    # as numpy: tensors would travel back through shared memory that dies with the rank
+    grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).numpy()
+             for name, p in model.named_parameters()}
+    return counts, grads
+
+
+RECOMPUTED_ARGS = ModelArgs(**{**ARGS.to_dict(), "n_layers": 2})
+RECOMPUTED = {"tp": ("tp", False), "tp+sp": ("tp", True), "cp": ("cp", False)}  # case: mesh dim, sequence parallel
+
+
+def _count_on_two_ranks() -> dict:
+    return {
+        "megatron": {(layers, sp): _count_collectives(layers, sp) for layers in (1, 2) for sp in (False, True)},
+        "recomputed": {(case, mode): _recomputed_step(*how, mode) for case, how in RECOMPUTED.items()
+                       for mode in ("none", "full")},
+    }
+
+
+@pytest.fixture(scope="module")
+def counted():
+    """One 2-rank launch counts the collectives of every case below."""
+    return run_on_ranks(_count_on_two_ranks, 2)[0]
 
 
 @pytest.mark.compat
-def test_collectives_per_step_are_the_megatron_minimum_at_tp2():
-    counts = run_on_ranks(_counts_for_one_and_two_layers, 2)[0]
+def test_collectives_per_step_are_the_megatron_minimum_at_tp2(counted):
+    counts = counted["megatron"]
     one, two = counts[(1, False)], counts[(2, False)]
     # embedding 1 + block 2 fwd + 2 bwd + LM head entry 1 bwd; loss: 1 all-gather
     assert one == {"all_reduce": 6, "all_gather_into_tensor": 1}
@@ -60,6 +109,50 @@ def test_collectives_per_step_are_the_megatron_minimum_at_tp2():
     assert two == {"reduce_scatter_tensor": 10, "all_gather_into_tensor": 11, "all_reduce": 5}
     per_block = {k: two[k] - one.get(k, 0) for k in two}
     assert per_block == {"reduce_scatter_tensor": 4, "all_gather_into_tensor": 4, "all_reduce": 2}
+
+
+# ---------------------------------------------------------------- recomputed blocks
+
+
+PLANNED_OPS = {"all_gather": "all_gather_into_tensor", "reduce_scatter": "reduce_scatter_tensor", "all_reduce": "all_reduce"}
+
+
+def _planned_calls(case: str) -> dict:
+    """The planner's calls per op of the case's mesh dimension, for one forward + backward
+    of the counted model with every block checkpointed, without the gradient norm's
+    all-reduce (the counted step clips nothing)."""
+    from parallel.plan.config import StepConfig
+    from parallel.plan.layout import Layout
+    from parallel.plan.planner import plan
+
+    dim, sp = RECOMPUTED[case]
+    tokens, _ = batch(RECOMPUTED_ARGS)
+    cfg = StepConfig(seq_len=tokens.shape[1], batch=tokens.shape[0], sequence_parallel=sp, mixed_precision="fp32",
+                     activation_checkpointing="full", document_masking=False)
+    tp, layout = (2, Layout()) if dim == "tp" else (1, Layout(cp=2))
+    comm = plan(RECOMPUTED_ARGS, 2, tp, cfg=cfg, strategies=["full"], layout=layout)["full"]["comm"][dim]
+    calls = {PLANNED_OPS[op]: entry["calls"] for op, entry in comm.items()}
+    if dim == "tp":  # tp is the whole world here, so the gradient norm's 8-byte all-reduce is tp's
+        calls["all_reduce"] -= 1
+    return {op: n for op, n in calls.items() if n}
+
+
+@pytest.mark.compat
+def test_a_recomputed_block_sends_its_gathers_again_but_not_its_reductions(counted):
+    """2 blocks, every one recomputed in backward: the recomputation sends each block's
+    sequence-parallel all-gathers again (2 per block) and its cp K/V all-gather (1), but
+    none of its tp reductions (the all-reduces without sequence parallelism, the
+    reduce-scatters with it), whose outputs it kept; the planner counts the same calls.
+    The gradients equal those without checkpointing."""
+    runs = counted["recomputed"]
+    again = {"tp": {}, "tp+sp": {"all_gather_into_tensor": 2 * 2}, "cp": {"all_gather_into_tensor": 2}}
+    for case in RECOMPUTED:
+        (plain, plain_grads), (recomputed, grads) = runs[(case, "none")], runs[(case, "full")]
+        sent_again = {op: n - plain.get(op, 0) for op, n in recomputed.items() if n != plain.get(op, 0)}
+        assert sent_again == again[case], f"{case}: recomputation sent {sent_again} again, from {plain} to {recomputed}"
+        assert recomputed == _planned_calls(case), case
+        for name, grad in grads.items():
+            assert abs(grad - plain_grads[name]).max() <= 1e-6, f"{case}: {name}"
 
 
 # ---------------------------------------------------------------- norm gradients in fp32

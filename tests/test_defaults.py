@@ -7,11 +7,13 @@ import types
 import pytest
 import torch
 
-import parallel.plan as plan
-from llama.training import flags
-from llama.training import build
+import parallel.plan.cli as plan_cli
+import parallel.plan.planner as planner
+from llama.training import build, flags
 from llama.training.build import choose_default_tp
+from llama.config import PRESETS
 from parallel.context import check_sequence_parallel_divides
+from parallel.plan.config import StepConfig
 
 H100 = 79.1  # GiB, as an 80 GB H100 reports its memory
 
@@ -64,22 +66,22 @@ def test_a_given_tp_is_kept_and_cpu_keeps_its_demo_default(monkeypatch):
 def test_the_planned_model_states_scale_exactly_to_the_real_dp():
     """choose_tp plans at most CHOOSE_TP_MAX_DP dp ranks and scales the sharded terms: the
     same total as planning them all."""
-    args, cfg = plan.PRESETS["3.1-8b"], plan.StepConfig(seq_len=1024, batch=1)
-    exact = plan.plan(args, 32, 1, 1, cfg, ("full",))["full"]["total_bytes"]
-    original = plan.CHOOSE_TP_MAX_DP
+    args, cfg = PRESETS["3.1-8b"], StepConfig(seq_len=1024, batch=1)
+    exact = planner.plan(args, 32, 1, 1, cfg, ("full",))["full"]["total_bytes"]
+    original = planner.CHOOSE_TP_MAX_DP
     try:
-        plan.CHOOSE_TP_MAX_DP = 4
-        _, reason = plan.choose_tp(args, 32, 1, 1.0, cfg)  # 1 GiB: nothing fits, the line gives the total
+        planner.CHOOSE_TP_MAX_DP = 4
+        _, reason = planner.choose_tp(args, 32, 1, 1.0, cfg)  # 1 GiB: nothing fits, the line gives the total
     finally:
-        plan.CHOOSE_TP_MAX_DP = original
+        planner.CHOOSE_TP_MAX_DP = original
     assert f"tp 1 needs {exact / 2**30:.2f} GiB" in reason, reason
 
 
 def test_the_planner_without_tp_plans_what_train_py_chooses(capsys):
-    assert plan.main(["--model", "3.1-8b", "--json"]) == 0
+    assert plan_cli.main(["--model", "3.1-8b", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["tp"] == 1 and report["dp"] == 8
-    assert plan.main(["--model", "3.1-8b", "--seq-len", "8192", "--micro-batch", "1"]) == 0
+    assert plan_cli.main(["--model", "3.1-8b", "--seq-len", "8192", "--micro-batch", "1"]) == 0
     out = capsys.readouterr().out
     assert "tp 2, dp 4" in out and "--tp 2: the smallest tp whose plan fits 79.1 GiB" in out
 
@@ -87,8 +89,8 @@ def test_the_planner_without_tp_plans_what_train_py_chooses(capsys):
 def test_sequence_parallelism_is_on_by_default_and_can_be_turned_off():
     assert flags.parse_args([]).sequence_parallel is True
     assert flags.parse_args(["--no-sequence-parallel"]).sequence_parallel is False
-    assert plan.StepConfig().sequence_parallel is True and plan.parse_args(["--model", "3.1-8b"]).sequence_parallel
-    assert plan.StepConfig.from_options(flags.parse_args([])) == plan.StepConfig()
+    assert StepConfig().sequence_parallel is True and plan_cli.parse_args(["--model", "3.1-8b"]).sequence_parallel
+    assert StepConfig.from_options(flags.parse_args([])) == StepConfig()
 
 
 def test_a_sequence_that_tp_cannot_split_is_one_line_naming_the_flags(capsys):
@@ -98,6 +100,6 @@ def test_a_sequence_that_tp_cannot_split_is_one_line_naming_the_flags(capsys):
         check_sequence_parallel_divides(36, 2, 4, True)
     check_sequence_parallel_divides(33, 1, 2, False)
     check_sequence_parallel_divides(33, 1, 1, True)
-    assert plan.main(["--model", "3.1-8b", "--tp", "8", "--seq-len", "260"]) == 2
+    assert plan_cli.main(["--model", "3.1-8b", "--tp", "8", "--seq-len", "260"]) == 2
     assert "--seq-len 260 must be a multiple of --tp 8" in capsys.readouterr().err
-    assert plan.main(["--model", "3.1-8b", "--tp", "8", "--seq-len", "260", "--no-sequence-parallel"]) == 0
+    assert plan_cli.main(["--model", "3.1-8b", "--tp", "8", "--seq-len", "260", "--no-sequence-parallel"]) == 0

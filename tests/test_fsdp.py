@@ -22,7 +22,9 @@ from llama import ModelArgs, Transformer
 from llama.weights.format import save_checkpoint
 from parallel.fsdp import build_parallel_model, get_strategy, mixed_precision_policy, check_activation_checkpointing
 from parallel.mesh import build_mesh, dp_mesh, dp_rank
-from parallel.plan import CommCounter, StepConfig, plan
+from parallel.plan.config import StepConfig
+from parallel.plan.counter import CommCounter
+from parallel.plan.planner import plan
 from parallel.spawn import run_on_ranks
 from parallel.train_utils import clip_grad_norm_, sum_over_dp, token_loss
 from tests.test_mesh import one_line_error

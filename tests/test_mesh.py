@@ -10,7 +10,7 @@ import torch.distributed as dist
 import parallel.mesh as mesh_mod
 from parallel.mesh import (
     batch_mesh, build_mesh, cp_mesh, default_tp, dp_cp_mesh, dp_mesh, dp_size, is_hybrid, mesh_shape, pp_mesh, tp_mesh)
-from parallel.plan import init_fake_world
+from parallel.plan.fake_world import init_fake_world
 
 
 def one_line_error(fn, *fragments):

@@ -17,7 +17,9 @@ from parallel.mesh import (
     build_mesh, cp_mesh, cuda_device_for_rank, default_tp, gpus_per_node, local_device, pp_mesh,
     warn_if_tp_crosses_nodes)
 from parallel.pipeline import PipelineConfig, build_pipeline
-from parallel.plan import Layout, StepConfig, choose_tp
+from parallel.plan.config import StepConfig
+from parallel.plan.layout import Layout
+from parallel.plan.planner import choose_tp
 
 from .step import Trainee
 
