@@ -90,11 +90,18 @@ def test_a_signal_during_a_save_lets_the_save_finish_and_then_stops(converted, d
 
 
 def test_time_limit_stops_with_a_checkpoint_before_the_budget_runs_out(converted, data, tmp_path):
-    common = ["--checkpoint", converted, "--data", data, "--steps", 12, "--save-every", 0, *RUN]
-    # a 1-second budget is spent by start-up: the job stops after its first step
-    result = torchrun(*common, "--save-dir", tmp_path, "--time-limit", "0:00:01", nproc=2)
-    assert f"preempted at step 1: checkpoint saved to {tmp_path / 'step_00000001'}" in result.stdout, result.stderr[-3000:]
+    # 2000 steps take minutes; a 15-second budget leaves room for start-up and some steps
+    # (tens of ms each), then stops while the last step and its save still fit
+    common = ["--checkpoint", converted, "--data", data, "--steps", 2000, "--save-every", 0, *RUN]
+    result = torchrun(*common, "--save-dir", tmp_path, "--time-limit", "0:00:15", nproc=2)
+    assert "preempted at step " in result.stdout, result.stderr[-3000:]
+    stopped_at = int(result.stdout.split("preempted at step ")[1].split(":")[0])
+    assert 3 <= stopped_at < 2000, result.stdout[-3000:]  # steps ran before the budget ended
+    assert f"preempted at step {stopped_at}: checkpoint saved to {tmp_path / f'step_{stopped_at:08d}'}" in result.stdout
     assert "(stopped by the --time-limit)" in result.stdout
+    assert f"exitcode  : {PREEMPTED_EXIT_CODE}" in result.stderr
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == [f"step_{stopped_at:08d}"]  # the last step's
+    assert [r["step"] for r in metrics(tmp_path) if "loss" in r] == list(range(1, stopped_at + 1))
 
 
 def test_stop_requests_leave_room_for_the_longest_step_and_save():
@@ -166,6 +173,30 @@ def test_the_time_limit_looks_as_far_ahead_as_the_next_agreement():
     assert not stop.out_of_time(steps_ahead=10)
     stop.start -= 10  # 15 s left: the margin alone would fit, the steps to the next agreement not
     assert stop.out_of_time(steps_ahead=10) and not stop.out_of_time()
+
+
+def test_save_on_signal_none_installs_no_handler():
+    watched = (signal.SIGTERM, signal.SIGUSR1)
+    before = {sig: signal.getsignal(sig) for sig in watched}
+    try:
+        StopRequests(parse_signals(flags.parse_args(["--save-on-signal", "none"]).save_on_signal))
+        assert {sig: signal.getsignal(sig) for sig in watched} == before
+        stop = StopRequests(parse_signals(flags.parse_args([]).save_on_signal))  # the default: both handled
+        assert all(signal.getsignal(sig) == stop._on_signal for sig in watched)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def test_save_on_signal_none_leaves_train_py_to_the_signals_default_action(converted, data, tmp_path):
+    """SIGUSR1 after step 2, which --save-on-signal's default would turn into a save and exit
+    code 3: with 'none' the worker dies of it (SIGUSR1's default action), saving nothing."""
+    result = torchrun("--checkpoint", converted, "--data", data, "--steps", 4, "--save-every", 0, *RUN,
+                      "--save-dir", tmp_path, "--save-on-signal", "none", nproc=1, env={"LLAMA_TP_FAULT": "step:2:0:SIGUSR1"})
+    assert result.returncode != 0
+    assert f"exitcode  : -{int(signal.SIGUSR1)}" in result.stderr, result.stderr[-3000:]
+    assert "received SIGUSR1" not in result.stderr and "preempted" not in result.stdout
+    assert not list(tmp_path.glob("step_*"))
 
 
 def test_time_limits_and_signal_names_parse_or_fail_naming_the_flag():
@@ -380,6 +411,22 @@ def test_max_skips_consecutive_nan_steps_stop_the_run_with_the_last_checkpoint_i
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002"]
 
 
+def test_max_skips_counts_steps_in_a_row_not_in_all(converted, data, tmp_path):
+    """--max-skips 2: two NaN steps apart (2 and 4) are skipped and the run ends; two in a
+    row (2 and 3) stop it. One process is enough: the count does not depend on the mesh."""
+    common = ["--checkpoint", converted, "--data", data, "--steps", 5, "--save-every", 0, "--max-skips", 2, *RUN]
+    apart = torchrun(*common, "--save-dir", tmp_path / "apart", nproc=1, env={"LLAMA_TP_FAULT": "nan:2:0,nan:4:0"})
+    check(apart)
+    rows = {r["step"]: r for r in metrics(tmp_path / "apart") if "loss" in r}
+    assert [rows[s]["skipped_steps"] for s in range(1, 6)] == [0, 1, 1, 2, 2]
+    assert sorted(p.name for p in (tmp_path / "apart").glob("step_*")) == ["step_00000005"]
+
+    in_a_row = torchrun(*common, "--save-dir", tmp_path / "in_a_row", nproc=1, env={"LLAMA_TP_FAULT": "nan:2:0,nan:3:0"})
+    assert f"exitcode  : {NONFINITE}" in in_a_row.stderr, in_a_row.stderr[-3000:]
+    assert "stopped at step 3: 2 consecutive steps had a non-finite loss" in in_a_row.stderr
+    assert "no checkpoint is intact" in in_a_row.stderr
+
+
 def final_weights_at(save_dir: Path, step: int) -> dict:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -434,8 +481,12 @@ def test_the_written_config_repeats_the_run_exactly(tmp_path):
 def test_tensorboard_scalars_and_profiler_trace_are_written(converted, data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    check(torchrun("--checkpoint", converted, "--data", data, "--steps", 4, "--save-dir", tmp_path, *RUN,
-                   "--val-data", data, "--eval-every", 2, "--tensorboard", "--profile-steps", "2:3", nproc=2))
+    run = torchrun("--checkpoint", converted, "--data", data, "--steps", 4, "--save-dir", tmp_path, *RUN,
+                   "--val-data", data, "--eval-every", 2, "--eval-batches", 3, "--tensorboard", "--profile-steps", "2:3",
+                   nproc=2)
+    check(run)
+    # --eval-batches 3: the fixed validation set is 3 global batches of 8 windows
+    assert "validation: a fixed set of 24 windows of" in run.stdout, run.stdout[-3000:]
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     rows = metrics(tmp_path)

@@ -91,17 +91,32 @@ def _mesh_worker(data: Path, cache_dir: Path) -> list:
 
 def oracle(train_set, val_set) -> dict:
     """One device, the whole global batch at once, F.cross_entropy's mean over the targets
-    that are not ignored: what every mesh must report."""
+    that are not ignored: what every mesh must report. Then STEPS steps of a one-device
+    AdamW (the groups, clipping and hyperparameters of _mesh_worker) on those full batches,
+    with no accumulation: the parameters every mesh must end with."""
+    from llama.training.optim import param_groups
+
     model = Transformer(ARGS).init_weights(seed=0)
 
     def mean_loss(batch):
         logits = model(batch.inputs, document_ids=batch.document_ids)
-        return F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100).item()
+        return F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100)
 
     with torch.no_grad():
-        step1 = mean_loss(train_set.get_batch(0, 0, 1, GLOBAL_BATCH))
-        val = mean_loss(val_set.get_batch(0, 0, 1, GLOBAL_BATCH))
-    return {"step1": step1, "val": val}
+        step1 = mean_loss(train_set.get_batch(0, 0, 1, GLOBAL_BATCH)).item()
+        val = mean_loss(val_set.get_batch(0, 0, 1, GLOBAL_BATCH)).item()
+    opts = SimpleNamespace(weight_decay=0.1, decay_norms_and_embeddings=False)
+    optimizer = torch.optim.AdamW(param_groups(model, opts), lr=1e-3, betas=(0.9, 0.95))
+    losses = []
+    for step in range(STEPS):
+        loss = mean_loss(train_set.get_batch(step * GLOBAL_BATCH, 0, 1, GLOBAL_BATCH))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    params = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+    return {"step1": step1, "val": val, "losses": losses, "params": params}
 
 
 @pytest.fixture(scope="module")
@@ -122,16 +137,20 @@ def test_step_loss_is_the_mean_over_unmasked_targets_on_any_mesh_with_uneven_mas
     assert len(set(on_4x1)) > 1, on_4x1
 
 
-def test_parameters_after_steps_with_accumulation_are_equal_on_1x4_2x2_and_4x1(mesh_runs):
-    results, _ = mesh_runs
-    runs = results[0]
-    reference = runs[0]
-    assert set(reference["params"]) == {n for n, _ in Transformer(ARGS).named_parameters()}
-    for run in runs[1:]:
-        for i, (a, b) in enumerate(zip(run["losses"], reference["losses"])):
-            assert abs(a - b) <= TOL, f"{run['mesh']} step {i + 1}: loss {a} vs {b} on {reference['mesh']}"
-        worst = max(float(abs(run["params"][n] - p).max()) for n, p in reference["params"].items())
-        assert worst <= TOL, f"{run['mesh']}: a parameter differs by {worst:.3g} from {reference['mesh']}"
+def test_parameters_after_steps_with_accumulation_are_those_of_one_device_on_1x4_2x2_and_4x1(mesh_runs):
+    """Two micro-steps per step on every mesh, against one device stepping on the whole
+    global batch: the same losses and, after STEPS AdamW steps, the same parameters."""
+    results, expected = mesh_runs
+    assert set(expected["params"]) == {n for n, _ in Transformer(ARGS).named_parameters()}
+    for run in results[0]:
+        assert set(run["params"]) == set(expected["params"]), run["mesh"]
+        for i, (a, b) in enumerate(zip(run["losses"], expected["losses"])):
+            assert abs(a - b) <= TOL, f"{run['mesh']} step {i + 1}: loss {a} vs {b} on one device"
+        worst = max(float(abs(run["params"][n] - p).max()) for n, p in expected["params"].items())
+        assert worst <= TOL, f"{run['mesh']}: a parameter differs by {worst:.3g} from the one-device AdamW"
+    init = Transformer(ARGS).init_weights(seed=0).state_dict()
+    moved = max(float(abs(p - init[n].numpy()).max()) for n, p in expected["params"].items())
+    assert moved > 100 * TOL, f"the steps moved the parameters by {moved:.3g} only: the comparison would be empty"
 
 
 def test_validation_loss_is_equal_on_1x4_2x2_and_4x1(mesh_runs):

@@ -75,12 +75,22 @@ def test_build_mesh_names_dims_and_flattens_hybrid_dp(fake_world):
 
 
 def test_build_mesh_4d_groups_cp_with_dp_for_fsdp_and_pp_with_both_for_the_loss(fake_world):
-    fake_world(32)
-    mesh = build_mesh(2, device="cpu", cp=2, pp=2)
-    assert mesh.mesh_dim_names == ("pp", "dp", "cp", "tp") and dp_size(mesh) == 4
-    assert dp_cp_mesh(mesh).size() == 8  # FSDP shards over dp x cp
-    assert batch_mesh(mesh).size() == 16  # every rank of one tp position holds part of the loss
-    assert cp_mesh(mesh).size() == 2 and pp_mesh(mesh).size() == 2
+    # pp 2, dp 3, cp 4, tp 5: every dimension a different size, so a group built over the
+    # wrong dimensions (cp swapped with tp, or pp with dp) has the wrong size and ranks
+    fake_world(120)
+    mesh = build_mesh(5, device="cpu", cp=4, pp=2)
+    assert mesh.mesh_dim_names == ("pp", "dp", "cp", "tp") and dp_size(mesh) == 3
+
+    def ranks(group):  # this rank's (rank 0's) group, in mesh order
+        return group.mesh.flatten().tolist()
+
+    # row-major over (pp 2, dp 3, cp 4, tp 5): a step of 1 along tp, 5 along cp, 20 along dp, 60 along pp
+    assert ranks(tp_mesh(mesh)) == [0, 1, 2, 3, 4]
+    assert ranks(cp_mesh(mesh)) == [0, 5, 10, 15]
+    assert ranks(dp_mesh(mesh)) == [0, 20, 40]
+    assert ranks(pp_mesh(mesh)) == [0, 60]
+    assert ranks(dp_cp_mesh(mesh)) == list(range(0, 60, 5))  # FSDP shards over dp x cp: 12 ranks of stage 0
+    assert ranks(batch_mesh(mesh)) == list(range(0, 120, 5))  # every rank of tp position 0 holds part of the loss
     flat = build_mesh(2, device="cpu")
     assert cp_mesh(flat) is None and pp_mesh(flat) is None and batch_mesh(flat) == dp_mesh(flat) == dp_cp_mesh(flat) == flat["dp"]
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -86,12 +87,20 @@ def test_2x2_run_from_a_converted_checkpoint_lowers_the_loss(converted, data, tm
     assert (tmp_path / "hf" / "config.json").is_file()
 
 
-def test_resume_on_the_same_mesh_continues_bit_for_bit(converted, data, tmp_path):
+def test_resume_on_the_same_mesh_from_the_written_config_continues_bit_for_bit(converted, data, tmp_path):
     common = ("--checkpoint", converted, "--data", data, "--steps", 8, "--save-every", 4, *RUN)
     check(torchrun(*common, "--save-dir", tmp_path / "whole"))
     check(torchrun(*common, "--save-dir", tmp_path / "split", "--stop-after", 4))
-    check(torchrun(*common, "--save-dir", tmp_path / "split", "--resume"))
+    # the second job starts from the first's written config.toml alone: its flags, --stop-after
+    # 4 included, run steps 5-8 (4 + 4 = --steps 8) of the same run
+    config = tmp_path / "split" / "config.toml"
+    written = tomllib.loads(config.read_text())
+    resumed = torchrun("--config", config, "--resume")
+    check(resumed)
+    assert f"resumed from {tmp_path / 'split' / 'step_00000004'} at step 4" in resumed.stdout
+    assert tomllib.loads(config.read_text()) == {**written, "resume": True}  # the same flags, as it rewrites them
     whole, split = metrics(tmp_path / "whole"), metrics(tmp_path / "split")
+    assert [r["step"] for r in split] == list(range(1, 9))
     assert [r["loss"] for r in whole] == [r["loss"] for r in split]
     a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "split")
     assert a.keys() == b.keys() == NAMES
@@ -160,6 +169,35 @@ def test_startup_errors_print_one_line_and_every_rank_exits(data, tmp_path, flag
     errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr.split("train.py: error:")[0][-500:]
+
+
+def test_val_data_with_val_fraction_is_one_error_line_and_exit_code_2(tmp_path):
+    """Refused while parsing, before any process group: plain python, no torchrun."""
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--val-data", tmp_path, "--val-fraction", "0.1"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert errors == ["train.py: error: --val-data and --val-fraction both choose the validation set; give one"], result.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, dp, expected",
+    [
+        ([], 2, 4 * 2),  # --micro-batch 4 x dp 2
+        (["--grad-accum", "3"], 2, 4 * 2 * 3),
+        (["--pp", "2"], 2, 4 * 2 * 2),  # --pp-microbatches defaults to --pp
+        (["--pp", "2", "--pp-microbatches", "3", "--micro-batch", "2", "--grad-accum", "2"], 3, 2 * 3 * 3 * 2),
+        (["--pp", "2", "--global-batch", "12"], 2, 12),  # given: taken as it is
+    ],
+)
+def test_default_global_batch_is_micro_batch_x_pp_microbatches_x_dp_x_grad_accum(flags, dp, expected):
+    from dataclasses import replace
+
+    from llama.training.flags import parse_args
+    from llama.training.inputs import batch_layout
+
+    opts = parse_args(["--tp", "1", *flags])
+    assert batch_layout(opts, replace(TINY, n_layers=4), dp) == expected
 
 
 def test_help_gives_every_flag_a_line_with_its_default(capsys):

@@ -44,8 +44,10 @@ def converted(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """Six files, six documents: windows that cross them test the document masks."""
-    return write_documents(tmp_path_factory.mktemp("data"), count=6, chars=10_000)
+    """300 files, 300 documents of 200 bytes: windows of 33 tokens that cross them test the
+    document masks (8 of the 32 windows the runs train on; six documents of 10,000 bytes
+    left none, see test_some_trained_windows_hold_two_documents)."""
+    return write_documents(tmp_path_factory.mktemp("data"), count=300, chars=200)
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,22 @@ def two_d(converted, data, tmp_path_factory) -> Path:
     check(torchrun("--checkpoint", converted, "--data", data, "--val-fraction", "0.2", "--eval-every", "2",
                    "--save-dir", save_dir, *RUN, *TWO_D))
     return save_dir
+
+
+def test_some_trained_windows_hold_two_documents(data, two_d):
+    """The windows the runs train on, as train.py's loader cuts them (the same on any
+    mesh): some hold two documents, so the comparisons below cover the document masks and
+    positions under pp and cp."""
+    from llama.data import PackedDataset, load_token_cache, split_documents
+    from llama.tokenizer import ByteTokenizer
+
+    trained = metrics(two_d)[-1]["samples_seen"]
+    assert trained == 4 * 8  # --steps 4 of --global-batch 8
+    cache = load_token_cache([data], ByteTokenizer(), quiet=True)  # the run's cache, next to the data
+    train_docs, _ = split_documents(cache.num_docs, 0.2, seed=0)  # --val-fraction 0.2, --seed 0
+    windows = PackedDataset(cache, 32, seed=0, document_masking=True, documents=train_docs)
+    crossing = [s for s in range(trained) if windows.get_batch(s, 0, 1, 1).document_ids.max() > 0]
+    assert len(crossing) >= 4, f"{len(crossing)} of {trained} trained windows hold two documents"
 
 
 def same_numbers(expected: list, got: list, what: str, keys=("loss", "grad_norm", "val_loss")) -> None:

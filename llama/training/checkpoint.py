@@ -72,19 +72,22 @@ def decide_resume(save_dir: Path, resume: bool) -> Optional[Path]:
 
 
 def fault_injection(where: str, step: int, rank: int) -> bool:
-    """Tests break a run at a chosen point: LLAMA_TP_FAULT="where:step:rank[:SIGNAL]" sends
+    """Tests break a run at chosen points: LLAMA_TP_FAULT="where:step:rank[:SIGNAL]" sends
     SIGNAL (default SIGKILL) to this process there; at where="nan" it returns True instead,
-    and the caller makes that step's loss NaN. Only the first attempt of a torchrun job is
-    hit, so that a restart can finish the run."""
+    and the caller makes that step's loss NaN. Several faults are joined by commas
+    ("nan:2:0,nan:4:0"). Only the first attempt of a torchrun job is hit, so that a restart
+    can finish the run."""
     spec = os.environ.get("LLAMA_TP_FAULT")
     if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return False
-    fault_where, fault_step, fault_rank, *sig = spec.split(":")
-    if (fault_where, int(fault_step), int(fault_rank)) != (where, step, rank):
-        return False
-    if where != "nan":
-        os.kill(os.getpid(), getattr(signal, sig[0]) if sig else signal.SIGKILL)
-    return True
+    for fault in spec.split(","):
+        fault_where, fault_step, fault_rank, *sig = fault.split(":")
+        if (fault_where, int(fault_step), int(fault_rank)) != (where, step, rank):
+            continue
+        if where != "nan":
+            os.kill(os.getpid(), getattr(signal, sig[0]) if sig else signal.SIGKILL)
+        return True
+    return False
 
 
 class CheckpointError(RuntimeError):
