@@ -63,7 +63,9 @@ def test_some_trained_windows_hold_two_documents(data, two_d):
     """The windows the runs train on, as train.py's loader cuts them (the same on any
     mesh): some hold two documents, so the comparisons below cover the document masks and
     positions under pp and cp."""
-    from llama.data import PackedDataset, load_token_cache, split_documents
+    from llama.data.loader import split_documents
+    from llama.data.packed import PackedDataset
+    from llama.data.token_cache import load_token_cache
     from llama.tokenizer import ByteTokenizer
 
     trained = metrics(two_d)[-1]["samples_seen"]
