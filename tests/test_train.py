@@ -27,7 +27,7 @@ RESHARD_TOL = 1e-4
 def torchrun(*args, nproc=4, max_restarts=0, env=None, timeout=300):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--max-restarts",
-        str(max_restarts), "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "--monitor-interval", "0.5",
+        str(max_restarts), "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "--monitor-interval", "0.1",
         str(ROOT / "train.py"), *map(str, args),
     ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
