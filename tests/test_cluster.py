@@ -17,7 +17,7 @@ import torch
 from llama.training.metrics import drop_metrics_after, read_metrics
 from llama.training.preemption import PREEMPTED_EXIT_CODE, StopRequests, parse_signals, parse_time_limit
 from parallel.spawn import run_on_ranks
-from tests.test_train import ROOT, RUN, check, converted, data, final_weights, metrics, torchrun  # noqa: F401
+from tests.test_train import ROOT, RUN, check, converted, data, final_weights, metrics, shared_run, torchrun  # noqa: F401
 
 from llama.training import flags
 from llama.training.step import NONFINITE_EXIT_CODE, Trainee, train_step
@@ -29,7 +29,7 @@ def launch(*args, nproc=4, env=None) -> subprocess.Popen:
     """torchrun in the background, in its own process group like a scheduler's job step."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--max-restarts", "0",
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "--monitor-interval", "0.5",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "--monitor-interval", "0.1",
         str(ROOT / "train.py"), *map(str, args),
     ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
@@ -57,10 +57,11 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 def test_sigterm_to_torchrun_saves_then_resume_matches_the_uninterrupted_run(converted, data, tmp_path):
+    # 2 ranks: the agent forwards the signal to each worker, and they agree on one step to stop at
     common = ["--checkpoint", converted, "--data", data, "--steps", 24, "--save-every", 0, *RUN]
-    check(torchrun(*common, "--save-dir", tmp_path / "whole"))
+    check(torchrun(*common, "--save-dir", tmp_path / "whole", nproc=2))
 
-    job = launch(*common, "--save-dir", tmp_path / "split")
+    job = launch(*common, "--save-dir", tmp_path / "split", nproc=2)
     wait_for_step(tmp_path / "split", 3, job)
     job.send_signal(signal.SIGTERM)  # to the torchrun agent, which forwards it to every worker
     out, err = job.communicate(timeout=120)
@@ -70,7 +71,7 @@ def test_sigterm_to_torchrun_saves_then_resume_matches_the_uninterrupted_run(con
     assert f"checkpoint saved to {tmp_path / 'split' / f'step_{stopped_at:08d}'}" in out
     assert sorted(p.name for p in (tmp_path / "split").glob("step_*")) == [f"step_{stopped_at:08d}"]
 
-    check(torchrun(*common, "--save-dir", tmp_path / "split", "--resume"))
+    check(torchrun(*common, "--save-dir", tmp_path / "split", "--resume", nproc=2))
     assert_same_weights(final_weights(tmp_path / "whole"), final_weights(tmp_path / "split"))
     losses = {r["step"]: r["loss"] for r in metrics(tmp_path / "whole")}
     assert [r["loss"] for r in metrics(tmp_path / "split")] == [losses[r["step"]] for r in metrics(tmp_path / "split")]
@@ -324,27 +325,28 @@ def test_a_cut_off_last_metrics_line_does_not_stop_a_resume(tmp_path, capsys):
 # ---------------------------------------------------------------- async checkpoints
 
 
-def test_async_checkpoints_resume_to_the_weights_of_sync_ones(converted, data, tmp_path):
+def test_async_checkpoints_resume_to_the_weights_of_sync_ones(converted, data, shared_run, tmp_path):
     common = ["--checkpoint", converted, "--data", data, "--steps", 8, "--save-every", 3, "--keep", 2, *RUN]
-    check(torchrun(*common, "--save-dir", tmp_path / "sync", nproc=2))
+    sync = shared_run(*common, nproc=2)  # the next test's uninterrupted run too
     check(torchrun(*common, "--save-dir", tmp_path / "async", "--async-checkpoint", "--stop-after", 5, nproc=2))
     # steps 3 and 5 (the job's last) are visible: the end of a job waits for its save
     assert sorted(p.name for p in (tmp_path / "async").glob("step_*")) == ["step_00000003", "step_00000005"]
     check(torchrun(*common, "--save-dir", tmp_path / "async", "--async-checkpoint", "--resume", nproc=2))
     assert sorted(p.name for p in (tmp_path / "async").glob("step_*")) == ["step_00000006", "step_00000008"]
-    assert_same_weights(final_weights(tmp_path / "sync"), final_weights(tmp_path / "async"))
+    assert_same_weights(final_weights(sync), final_weights(tmp_path / "async"))
 
 
-def test_a_kill_during_a_background_write_leaves_the_previous_checkpoint(converted, data, tmp_path):
-    common = ["--checkpoint", converted, "--data", data, "--steps", 10, "--save-every", 3, *RUN]
-    check(torchrun(*common, "--save-dir", tmp_path / "whole", nproc=2))
+def test_a_kill_during_a_background_write_leaves_the_previous_checkpoint(converted, data, shared_run, tmp_path):
+    # the previous test's flags, so that its sync run is the uninterrupted run here too
+    common = ["--checkpoint", converted, "--data", data, "--steps", 8, "--save-every", 3, "--keep", 2, *RUN]
+    whole = shared_run(*common, nproc=2)
     # rank 1 dies right after handing step 6 to the background writer; torchrun restarts
     # the job, which finds step 3 as the newest complete checkpoint
     killed = torchrun(*common, "--save-dir", tmp_path / "killed", "--async-checkpoint", "--resume", nproc=2,
                       max_restarts=1, env={"LLAMA_TP_FAULT": "save:6:1"})
     check(killed)
     assert "resumed from" in killed.stdout and "step_00000003 at step 3" in killed.stdout
-    assert_same_weights(final_weights(tmp_path / "whole"), final_weights(tmp_path / "killed"))
+    assert_same_weights(final_weights(whole), final_weights(tmp_path / "killed"))
 
 
 def test_resuming_does_not_read_the_base_checkpoint_weights(converted, data, tmp_path):

@@ -3,8 +3,10 @@ resume on the same and on other meshes, faults, and start-up errors."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -25,7 +27,7 @@ RESHARD_TOL = 1e-4
 def torchrun(*args, nproc=4, max_restarts=0, env=None, timeout=300):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--max-restarts",
-        str(max_restarts), "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "--monitor-interval", "0.5",
+        str(max_restarts), "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "--monitor-interval", "0.1",
         str(ROOT / "train.py"), *map(str, args),
     ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
@@ -40,9 +42,15 @@ def final_weights(save_dir: Path) -> dict:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     newest = sorted(save_dir.glob("step_*"))[-1]
-    out = save_dir / "final.pt"
-    dcp_to_torch_save(str(newest), str(out))
-    return torch.load(out, weights_only=False)["model"]
+    with tempfile.TemporaryDirectory() as scratch:  # not into save_dir, which may be a shared run
+        out = Path(scratch) / "final.pt"
+        dcp_to_torch_save(str(newest), str(out))
+        return torch.load(out, weights_only=False)["model"]
+
+
+def listing(save_dir: Path) -> list:
+    """Every file under save_dir with its size and modification time: what a write changes."""
+    return sorted((str(f.relative_to(save_dir)), f.stat().st_size, f.stat().st_mtime_ns) for f in save_dir.rglob("*"))
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +72,27 @@ def data(tmp_path_factory) -> Path:
 
 def check(result):
     assert result.returncode == 0, f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory):
+    """The runs that several tests of a module compare with, each launched once:
+    shared_run(*flags, nproc=4) is the save dir of a finished train.py run with exactly
+    these flags (and its own --save-dir). Tests only read it; one that continues it
+    resumes a copy (shutil.copytree). At the module's end each must be as it was written."""
+    runs = {}
+
+    def run(*flags, nproc=4) -> Path:
+        key = (tuple(map(str, flags)), nproc)
+        if key not in runs:
+            save_dir = tmp_path_factory.mktemp("shared_run")
+            check(torchrun(*flags, "--save-dir", save_dir, nproc=nproc))
+            runs[key] = save_dir, listing(save_dir)
+        return runs[key][0]
+
+    yield run
+    for save_dir, written in runs.values():
+        assert listing(save_dir) == written, f"a test wrote into the shared run {save_dir}"
 
 
 def test_2x2_run_from_a_converted_checkpoint_lowers_the_loss(converted, data, tmp_path):
@@ -108,43 +137,44 @@ def test_resume_on_the_same_mesh_from_the_written_config_continues_bit_for_bit(c
 
 
 @pytest.mark.parametrize("tp", [1, 4])
-def test_a_2x2_checkpoint_resumes_on_another_mesh(converted, data, tmp_path, tp):
+def test_a_2x2_checkpoint_resumes_on_another_mesh(converted, data, shared_run, tmp_path, tp):
     """Resumed at step 4 on another mesh, three more steps: the losses of steps 6 and 7 and
     the final weights follow steps 5-7's updates, which need the resharded AdamW moments
     and the learning rate of steps 5-7 (step 5's loss is computed before any of them)."""
     common = ("--checkpoint", converted, "--data", data, "--steps", 7, "--save-every", 4, *RUN)
-    check(torchrun(*common, "--save-dir", tmp_path / "whole", "--tp", 2))
-    check(torchrun(*common, "--save-dir", tmp_path / "moved", "--tp", 2, "--stop-after", 4))
+    # both meshes compare with one 2x2 run and resume a copy of one 2x2 run's step 4
+    whole_dir, stopped = shared_run(*common, "--tp", 2), shared_run(*common, "--tp", 2, "--stop-after", 4)
+    shutil.copytree(stopped, tmp_path / "moved")
     check(torchrun(*common, "--save-dir", tmp_path / "moved", "--tp", tp, "--resume"))
-    whole, moved = metrics(tmp_path / "whole"), metrics(tmp_path / "moved")
+    whole, moved = metrics(whole_dir), metrics(tmp_path / "moved")
     assert [r["step"] for r in moved] == [r["step"] for r in whole] == list(range(1, 8))
     assert moved[-1]["samples_seen"] == whole[-1]["samples_seen"]
     for a, b in zip(whole[4:], moved[4:]):
         assert abs(a["loss"] - b["loss"]) <= RESHARD_TOL and abs(a["lr"] - b["lr"]) <= 1e-12, (a, b)
-    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "moved")
+    a, b = final_weights(whole_dir), final_weights(tmp_path / "moved")
     assert a.keys() == b.keys() == NAMES
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= RESHARD_TOL, f"final weights differ by {worst:.3g} after resuming on tp {tp}"
 
 
-def test_a_rank_killed_mid_run_restarts_and_ends_with_the_uninterrupted_weights(converted, data, tmp_path):
+def test_a_rank_killed_mid_run_restarts_and_ends_with_the_uninterrupted_weights(converted, data, shared_run, tmp_path):
     common = ("--checkpoint", converted, "--data", data, "--steps", 6, "--save-every", 3, "--resume", *RUN)
-    check(torchrun(*common, "--save-dir", tmp_path / "whole"))
+    whole = shared_run(*common)  # the next test's uninterrupted run too
     killed = torchrun(*common, "--save-dir", tmp_path / "killed", max_restarts=1, env={"LLAMA_TP_FAULT": "step:5:1"})
     check(killed)
     assert "resumed from" in killed.stdout and "step_00000003" in killed.stdout
-    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "killed")
+    a, b = final_weights(whole), final_weights(tmp_path / "killed")
     assert a.keys() == b.keys() == NAMES
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_rank_killed_while_saving_leaves_the_previous_checkpoint_to_resume(converted, data, tmp_path):
+def test_a_rank_killed_while_saving_leaves_the_previous_checkpoint_to_resume(converted, data, shared_run, tmp_path):
     common = ("--checkpoint", converted, "--data", data, "--steps", 6, "--save-every", 3, "--resume", *RUN)
-    check(torchrun(*common, "--save-dir", tmp_path / "whole"))
+    whole = shared_run(*common)  # the previous test's uninterrupted run
     killed = torchrun(*common, "--save-dir", tmp_path / "killed", max_restarts=1, env={"LLAMA_TP_FAULT": "save:6:2"})
     check(killed)
     assert "step_00000003" in killed.stdout  # step 6's half-written save was not taken
-    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "killed")
+    a, b = final_weights(whole), final_weights(tmp_path / "killed")
     assert a.keys() == b.keys() == NAMES
     assert all(torch.equal(a[k], b[k]) for k in a)
 
