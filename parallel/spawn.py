@@ -77,8 +77,11 @@ def run_on_ranks(fn, world_size: int, *args, threads: int = 1, timeout: float = 
     results = ctx.Queue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, threads, fn, args, results, pg_timeout, dict(os.environ), os.getcwd()),
-                    daemon=True)
+        ctx.Process(
+            target=_worker,
+            args=(rank, world_size, port, threads, fn, args, results, pg_timeout, dict(os.environ), os.getcwd()),
+            daemon=True,
+        )
         for rank in range(world_size)
     ]
     for p in procs:

@@ -6,7 +6,6 @@ import datetime
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,8 @@ import torch
 from llama.training.metrics import drop_metrics_after, read_metrics
 from llama.training.preemption import PREEMPTED_EXIT_CODE, StopRequests, parse_signals, parse_time_limit
 from parallel.spawn import run_on_ranks
-from tests.test_train import ROOT, RUN, check, converted, data, final_weights, metrics, shared_run, torchrun  # noqa: F401
+from tests.test_train import (  # noqa: F401
+    ROOT, RUN, check, converted, data, final_weights, metrics, shared_run, torchrun, torchrun_job)
 
 from llama.training import flags
 from llama.training.step import NONFINITE_EXIT_CODE, Trainee, train_step
@@ -27,12 +27,7 @@ NONFINITE = NONFINITE_EXIT_CODE
 
 def launch(*args, nproc=4, env=None) -> subprocess.Popen:
     """torchrun in the background, in its own process group like a scheduler's job step."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--max-restarts", "0",
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "--monitor-interval", "0.1",
-        str(ROOT / "train.py"), *map(str, args),
-    ]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    cmd, full_env = torchrun_job(*args, nproc=nproc, env=env)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=ROOT)
 
 

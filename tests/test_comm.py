@@ -23,6 +23,15 @@ from tests.test_model import batch, tp_mesh
 ARGS = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, max_seq_len=32)
 
 
+def counts_by_op(comm) -> dict:
+    """CommDebugMode's counts by the op's short name (all_reduce, ...), overloads summed."""
+    counts = {}
+    for op, n in comm.get_comm_counts().items():
+        name = str(op).split(".")[-1]
+        counts[name] = counts.get(name, 0) + n
+    return counts
+
+
 def _count_collectives(n_layers: int, sequence_parallel: bool) -> dict:
     from torch.distributed.tensor.debug import CommDebugMode
 
@@ -35,11 +44,7 @@ def _count_collectives(n_layers: int, sequence_parallel: bool) -> dict:
         loss = vocab_parallel_cross_entropy(model(tokens), targets)
         loss.backward()
         reduce_partial_gradients(model)
-    counts = {}
-    for op, n in comm.get_comm_counts().items():
-        name = str(op).split(".")[-1]
-        counts[name] = counts.get(name, 0) + n
-    return counts
+    return counts_by_op(comm)
 
 
 def _recomputed_step(mesh_dim: str, sequence_parallel: bool, checkpointing: str) -> tuple:
@@ -63,10 +68,7 @@ def _recomputed_step(mesh_dim: str, sequence_parallel: bool, checkpointing: str)
     with CommDebugMode() as comm:
         vocab_parallel_cross_entropy(model(tokens), targets).backward()
         reduce_partial_gradients(model)
-    counts = {}
-    for op, n in comm.get_comm_counts().items():
-        name = str(op).split(".")[-1]
-        counts[name] = counts.get(name, 0) + n
+    counts = counts_by_op(comm)
     # as numpy: tensors would travel back through shared memory that dies with the rank
     grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).numpy()
              for name, p in model.named_parameters()}

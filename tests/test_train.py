@@ -24,13 +24,19 @@ NAMES = set(Transformer(TINY).state_dict())  # every weight a checkpoint of TINY
 RESHARD_TOL = 1e-4
 
 
-def torchrun(*args, nproc=4, max_restarts=0, env=None, timeout=300):
+def torchrun_job(*args, nproc=4, max_restarts=0, env=None) -> tuple:
+    """(command, environment) of a local torchrun job running train.py with `args`: what
+    torchrun() runs and test_cluster's launch() starts in the background."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--max-restarts",
         str(max_restarts), "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "--monitor-interval", "0.1",
         str(ROOT / "train.py"), *map(str, args),
     ]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    return cmd, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+
+
+def torchrun(*args, nproc=4, max_restarts=0, env=None, timeout=300):
+    cmd, full_env = torchrun_job(*args, nproc=nproc, max_restarts=max_restarts, env=env)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
 
 
