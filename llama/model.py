@@ -38,6 +38,7 @@ from parallel.layers import (
 )
 
 from .config import ModelArgs
+from .lora import init_adapters_, is_adapter
 from .masks import (
     DocumentMask, causal_mask, check_document_ids, context_parallel_mask, document_mask, document_positions,
     gqa_needs_expanded_kv, masked_attention)
@@ -362,11 +363,14 @@ class Transformer(nn.Module):
             self.to_empty(device=device or "cpu")
         residual_std = std / math.sqrt(2 * self.args.n_layers)
         for name, param in self.named_parameters():
+            if is_adapter(name):
+                continue
             if name.endswith("norm.weight"):
                 local_tensor(param).fill_(1.0)
             else:
                 scale = residual_std if name.endswith(("wo.weight", "w2.weight")) else std
                 fill_normal_(param, scale, seed, name)
+        init_adapters_(self, seed)  # LoRA adapters (llama/lora.py), if any: B = 0, the base unchanged
         return self
 
     def _apply(self, fn, *args, **kwargs):

@@ -39,6 +39,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from llama.config import ModelArgs
+from llama.lora import LoRAConfig, add_adapters, init_adapters_, store_frozen_as
 from llama.model import Transformer
 
 from .mesh import cp_mesh, dp_cp_mesh, is_hybrid, local_device, tp_mesh
@@ -245,6 +246,7 @@ def build_parallel_model(
     materialize: bool = True,
     init: bool = True,
     make_model=None,
+    lora: Optional[LoRAConfig] = None,
 ) -> Transformer:
     """The 2-D parallel model on `mesh` (from `parallel.mesh.build_mesh`).
 
@@ -256,6 +258,9 @@ def build_parallel_model(
     checkpoint that is loaded over them next.
     make_model(args, tp_mesh, sequence_parallel, cp_mesh): builds something else than the
     whole Transformer on meta, e.g. a pipeline stage (parallel/pipeline.py).
+    lora: LoRA adapters on the projections (llama/lora.py); the base is frozen, and stored
+    in bf16 under bf16 mixed precision (nothing updates it, so it needs no fp32 master).
+    A base read from `source` gets freshly drawn adapters (B = 0).
 
     Gradients are sums over dp ranks; normalise the loss by the global token count."""
     plan = get_strategy(strategy)
@@ -272,6 +277,10 @@ def build_parallel_model(
 
     with torch.device("meta"):
         model = (make_model or Transformer)(args, tp_mesh(mesh), sequence_parallel, cp_mesh(mesh))
+        if lora is not None:
+            add_adapters(model, lora)
+            if mp_policy.param_dtype is not None:
+                store_frozen_as(model, mp_policy.param_dtype)
     if compile:
         apply_compile(model, "inductor" if compile is True else compile)
     # after compile: checkpoint runs eagerly around the compiled block (traced inside a
@@ -292,4 +301,5 @@ def build_parallel_model(
         from llama.weights.loading import load_weights_
 
         load_weights_(model, path)
+        init_adapters_(model, seed)
     return model

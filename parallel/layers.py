@@ -188,9 +188,20 @@ def reduce_partial_gradients(module: nn.Module) -> int:
 
 def fill_normal_(param: torch.Tensor, std: float, seed: int, name: str, block_rows: int = 256) -> None:
     """Fill this rank's shard with N(0, std^2) values equal to those a single device would
-    draw for the whole tensor, so that a model's init does not depend on the mesh. The
-    tensor is drawn in blocks of rows, each from its own generator; a rank draws only the
-    row blocks it holds."""
+    draw for the whole tensor, so that a model's init does not depend on the mesh."""
+    _fill_by_row_blocks_(param, seed, name, block_rows, lambda shape, gen: torch.randn(shape, generator=gen).mul_(std))
+
+
+def fill_uniform_(param: torch.Tensor, bound: float, seed: int, name: str, block_rows: int = 256) -> None:
+    """Fill this rank's shard with U(-bound, bound) values, mesh-independent as fill_normal_."""
+    _fill_by_row_blocks_(
+        param, seed, name, block_rows, lambda shape, gen: torch.rand(shape, generator=gen).mul_(2 * bound).sub_(bound)
+    )
+
+
+def _fill_by_row_blocks_(param: torch.Tensor, seed: int, name: str, block_rows: int, draw) -> None:
+    """The tensor is drawn in blocks of rows, each from its own generator seeded by (seed,
+    name, block); a rank draws only the row blocks it holds and keeps its part of them."""
     local = local_tensor(param)
     offset = tuple(s.start for s in local_slices(param))
     if local.numel() == 0:
@@ -204,7 +215,7 @@ def fill_normal_(param: torch.Tensor, std: float, seed: int, name: str, block_ro
             b0 = block * block_rows
             b1 = min(b0 + block_rows, global_shape[0])
             gen = torch.Generator().manual_seed(base_seed + block)
-            values = torch.randn((b1 - b0, *global_shape[1:]), generator=gen).mul_(std)
+            values = draw((b1 - b0, *global_shape[1:]), gen)
             lo, hi = max(b0, first), min(b1, last)
             local[lo - first : hi - first].copy_(values[(slice(lo - b0, hi - b0), *other_dims)])
 
@@ -257,30 +268,70 @@ def check_tp_divides_heads(n_heads: int, tp: int) -> None:
         )
 
 
+@dataclass(frozen=True)
+class LoRA:
+    """A low-rank update of a frozen linear layer (Hu et al. 2021): y = x W^T + scale *
+    dropout(x) A^T B^T, A of shape (rank, in), B of shape (out, rank)."""
+
+    rank: int
+    scale: float
+    dropout: float = 0.0
+
+
+def _lora_input(x: torch.Tensor, lora: LoRA, training: bool) -> torch.Tensor:
+    return F.dropout(x, lora.dropout, training) if lora.dropout else x
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with the output features split across tp ranks (W is Shard(0)). Its input
     must come from a `RegionInput`. With `replicated_rows=(start, stop)` every rank holds
-    the whole W and uses only those rows: kv heads shared by several ranks."""
+    the whole W and uses only those rows: kv heads shared by several ranks.
+
+    With a LoRA adapter (`add_lora`), A is replicated and B is split like W's rows, so each
+    rank computes the whole update of its own output features and no collective is added.
+    A's gradient on a rank is its share (through its rows of B): see `sum_adapter_gradients`."""
 
     def __init__(self, in_features: int, out_features: int, tp_mesh: Optional[DeviceMesh] = None, replicated_rows=None):
         super().__init__()
+        self.tp_mesh = tp_mesh
         self.replicated_rows = replicated_rows
         placement = Replicate() if replicated_rows is not None else Shard(0)
         if replicated_rows is None and out_features % tp_size(tp_mesh):
             raise ValueError(f"ColumnParallelLinear: tp size {tp_size(tp_mesh)} must divide out_features {out_features}")
         self.weight = sharded_parameter((out_features, in_features), tp_mesh, placement)
+        self.lora: Optional[LoRA] = None
+
+    def add_lora(self, lora: LoRA) -> None:
+        out_features, in_features = self.weight.shape
+        self.lora = lora
+        self.lora_a = sharded_parameter((lora.rank, in_features), self.tp_mesh, Replicate())
+        rows = Replicate() if self.replicated_rows is not None else Shard(0)
+        self.lora_b = sharded_parameter((out_features, lora.rank), self.tp_mesh, rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.replicated_rows is None:
-            return F.linear(x, local_tensor(self.weight))
-        start, stop = self.replicated_rows
-        return F.linear(x, local_tensor(self.weight, partial_grad=True)[start:stop])
+            y = F.linear(x, local_tensor(self.weight))
+        else:
+            start, stop = self.replicated_rows
+            y = F.linear(x, local_tensor(self.weight, partial_grad=True)[start:stop])
+        if self.lora is None:
+            return y
+        b = local_tensor(self.lora_b)
+        if self.replicated_rows is not None:
+            b = b[self.replicated_rows[0] : self.replicated_rows[1]]  # its share: sum_adapter_gradients
+        update = F.linear(F.linear(_lora_input(x, self.lora, self.training), local_tensor(self.lora_a)), b)
+        return y + self.lora.scale * update
 
 
 class RowParallelLinear(nn.Module):
     """y = x W^T with the input features split across tp ranks (W is Shard(1)); the
     partial products are summed across ranks: all-reduce, or reduce-scatter along the
-    sequence with sequence parallelism."""
+    sequence with sequence parallelism.
+
+    With a LoRA adapter (`add_lora`), A is split like W's columns and B is replicated: each
+    rank's x A^T is a partial sum, and its product with B joins W's partial output in the
+    same reduction, so no collective is added. B's gradient on a rank is its share (through
+    its part of x A^T): see `sum_adapter_gradients`."""
 
     def __init__(self, in_features, out_features, tp_mesh: Optional[DeviceMesh] = None, sequence_parallel=False):
         super().__init__()
@@ -289,9 +340,60 @@ class RowParallelLinear(nn.Module):
         self.tp_mesh = tp_mesh
         self.sequence_parallel = sequence_parallel
         self.weight = sharded_parameter((out_features, in_features), tp_mesh, Shard(1))
+        self.lora: Optional[LoRA] = None
+
+    def add_lora(self, lora: LoRA) -> None:
+        out_features, in_features = self.weight.shape
+        self.lora = lora
+        self.lora_a = sharded_parameter((lora.rank, in_features), self.tp_mesh, Shard(1))
+        self.lora_b = sharded_parameter((out_features, lora.rank), self.tp_mesh, Replicate())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _leave_region(F.linear(x, local_tensor(self.weight)), self.tp_mesh, self.sequence_parallel)
+        y = F.linear(x, local_tensor(self.weight))
+        if self.lora is not None:
+            partial = F.linear(_lora_input(x, self.lora, self.training), local_tensor(self.lora_a))
+            y = y + self.lora.scale * F.linear(partial, local_tensor(self.lora_b))
+        return _leave_region(y, self.tp_mesh, self.sequence_parallel)
+
+
+def adapter_gradient_shares(module: nn.Module) -> list:
+    """The LoRA factors whose gradient each tp rank computes only in part while they are
+    replicated over tp: A of a column-parallel layer, B of a row-parallel one (and B of a
+    column-parallel layer with replicated rows). Their tp ranks' gradients add up to the
+    whole: `sum_adapter_gradients`."""
+    shares = []
+    for layer in module.modules():
+        if getattr(layer, "lora", None) is None or tp_size(layer.tp_mesh) == 1:
+            continue
+        if isinstance(layer, ColumnParallelLinear):
+            shares.append((layer.tp_mesh, layer.lora_a))
+            if layer.replicated_rows is not None:
+                shares.append((layer.tp_mesh, layer.lora_b))
+        elif isinstance(layer, RowParallelLinear):
+            shares.append((layer.tp_mesh, layer.lora_b))
+    return shares
+
+
+@torch.no_grad()
+def sum_adapter_gradients(module: nn.Module) -> int:
+    """Sum the tp ranks' shares of the replicated LoRA factors' gradients, in place, with
+    one all-reduce per tp mesh for all of them, once per optimizer step (after the last
+    micro-step's backward, before clipping): the blocks' forward and backward keep
+    Megatron's collectives only. Under FSDP the gradients are this rank's dp shards, cut
+    alike on every tp rank, so their sum is the shard of the sum. Returns how many
+    gradients it summed (0 without LoRA or tp)."""
+    by_mesh: dict = {}
+    for mesh, param in adapter_gradient_shares(module):
+        if param.grad is not None:
+            grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+            by_mesh.setdefault(mesh, []).append(grad)
+    for mesh, grads in by_mesh.items():
+        flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]), mesh)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+    return sum(len(g) for g in by_mesh.values())
 
 
 def check_vocab(vocab_size: int, tp: int) -> None:

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from llama.config import ModelArgs
+from llama.lora import LoRAConfig
 from llama.tokenizer import load_tokenizer
 from llama.weights.format import read_model_args
 from parallel.devices import enable_tf32
@@ -84,6 +85,7 @@ def build_trainee(source, mesh, opts, init: bool) -> Trainee:
         compile=opts.compile,
         seed=opts.seed,
         init=init,
+        lora=LoRAConfig.from_options(opts),
     )
     if pp_mesh(mesh) is None:
         return Trainee(build_parallel_model(source, mesh, **options), cp=cp_mesh(mesh))

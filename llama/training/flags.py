@@ -5,6 +5,7 @@ import argparse
 
 from llama.data.chat import DATA_FORMATS, TRAIN_ON
 from llama.config import PRESETS
+from llama.lora import TARGETS as LORA_TARGETS, LoRAConfig
 from parallel.fsdp import STRATEGIES
 from parallel.pipeline import add_pipeline_arguments
 
@@ -56,6 +57,13 @@ def build_parser(description: str = None) -> argparse.ArgumentParser:
     a.add_argument("--dtype", choices=("fp32", "bf16"),
                    help="bf16: bf16 compute, fp32 master weights and reduce; fp32 uses TF32 matmuls on CUDA "
                         "(default: bf16 on CUDA, fp32 on CPU)")
+    a = p.add_argument_group("LoRA (parameter-efficient fine-tuning: the base frozen, low-rank adapters train)")
+    a.add_argument("--lora-rank", type=int, default=0, help="rank r of the adapters; 0 trains every parameter (default: %(default)s)")
+    a.add_argument("--lora-alpha", type=float, help="adapter scale alpha / r (default: 2 x --lora-rank)")
+    a.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default: %(default)s)")
+    a.add_argument("--lora-targets", default=",".join(LORA_TARGETS),
+                   help="projections that get an adapter, Meta's names (default: %(default)s)")
+    a.add_argument("--lora-rslora", action="store_true", help="scale by alpha / sqrt(r) (rank-stabilised LoRA) (default: off)")
     a = p.add_argument_group("batch")
     a.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: %(default)s)")
     a.add_argument("--micro-batch", type=int, default=4,
@@ -105,6 +113,10 @@ def build_parser(description: str = None) -> argparse.ArgumentParser:
 def parse_args(argv=None, description: str = None) -> argparse.Namespace:
     parser = build_parser(description)
     opts = parse_with_config(parser, argv)
+    try:
+        LoRAConfig.from_options(opts)
+    except ValueError as e:
+        parser.error(str(e))
     if opts.val_data and opts.val_fraction:
         parser.error("--val-data and --val-fraction both choose the validation set; give one")
     return opts

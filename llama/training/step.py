@@ -11,6 +11,7 @@ import torch
 from llama.data.loader import DistributedDataLoader
 from llama.data.windows import Batch
 from parallel.context import split_for_cp
+from parallel.layers import sum_adapter_gradients
 from parallel.pipeline import Pipeline
 from parallel.train_utils import clip_grad_norm_
 
@@ -84,6 +85,7 @@ def train_step(trainee: Trainee, optimizer, loader: DistributedDataLoader, devic
         upcoming = None if last else to_device(next(loader), device)
         loss_sum += trainee.loss_share(batch, step_divisor)
         batch = upcoming
+    sum_adapter_gradients(trainee.model)  # LoRA under tp: the replicated factors' shares, once a step
     grad_norm = clip_grad_norm_(trainee.model, clip if clip > 0 else None)
     # A non-finite loss on any rank makes the global grad norm non-finite on every rank, so
     # all ranks skip alike. The fused AdamW skips on the device (found_inf, as under

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from ..config import ModelArgs
+from ..lora import is_adapter
 from ..model import Transformer
 
 # ---------------------------------------------------------------- Hugging Face names and RoPE layout
@@ -79,8 +80,9 @@ def meta_to_hf_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def expected_tensors(model: Transformer) -> dict:
-    """Checkpoint name -> parameter; a tied output shares tok_embeddings and is not stored."""
-    return dict(model.named_parameters())
+    """Checkpoint name -> parameter of the base model; a tied output shares tok_embeddings
+    and is not stored, and LoRA adapters (llama/lora.py) are not the base's."""
+    return {name: param for name, param in model.named_parameters() if not is_adapter(name)}
 
 
 def expected_shapes(args: ModelArgs) -> dict:
