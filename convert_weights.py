@@ -2,6 +2,8 @@
 
   python convert_weights.py SRC OUT             Hugging Face or Meta checkpoint -> ours
   python convert_weights.py --to-hf CKPT OUT    ours (or any source below) -> Hugging Face
+  python convert_weights.py --to-peft RUN/step_N OUT            a LoRA run's adapters -> PEFT adapter
+  python convert_weights.py --to-hf --merge-lora RUN/step_N OUT  its base + scale * B A -> Hugging Face
 
 SRC is recognised by its files:
   config.json + *.safetensors [+ model.safetensors.index.json]   Hugging Face
@@ -38,6 +40,7 @@ from llama.weights.format import ARGS_FILE, INDEX_FILE, SINGLE_FILE, write_model
 from llama.weights.kinds import open_source
 from llama.weights.loading import verify_checkpoint
 from llama.weights.names import meta_to_hf_rope, rope_heads, to_hf_name
+from llama.weights.peft import ADAPTER_CONFIG, ADAPTER_FILE, merged_source, open_run, write_peft
 from llama.weights.safetensors_io import (
     SafetensorsWriter,
     copy_file,
@@ -320,19 +323,44 @@ def move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
+def check_lora_flags(opts: argparse.Namespace) -> None:
+    if opts.to_peft and (opts.to_hf or opts.merge_lora):
+        raise ValueError("--to-peft writes the adapters alone; --to-hf --merge-lora writes the merged model: give one")
+    if opts.merge_lora and not opts.to_hf:
+        raise ValueError("--merge-lora writes a Hugging Face checkpoint: add --to-hf")
+    if opts.base and not opts.merge_lora:
+        raise ValueError("--base: only with --to-hf --merge-lora (the base the adapters are merged into)")
+
+
+def open_lora_source(src: Path, opts: argparse.Namespace) -> Source:
+    """--merge-lora: the run's base (--base, else the one its trainer.json records, checked
+    by fingerprint) with its adapters merged in."""
+    run = open_run(src)
+    base = run.check_base(opts.base)
+    return merged_source(run, open_source(base))
+
+
 def convert(opts: argparse.Namespace) -> str:
     src, out = Path(opts.src), Path(opts.out)
     check_out(src, out, opts.overwrite)
+    check_lora_flags(opts)
     dtype = DTYPES[opts.dtype] if opts.dtype else None
     max_shard = parse_size(opts.max_shard_size) if opts.max_shard_size else None
     eos = parse_token_ids(opts.eos_id, "--eos-id")
     factor = opts.rope_scale_factor
     if factor is not None and not (math.isfinite(factor) and factor > 0):
         raise ValueError(f"--rope-scale-factor {factor:g}: must be a positive number")
-    source = open_source(src, opts.tie_word_embeddings, factor)
-    check_meta_flags(source, opts)
-    check_source(source)  # all of the input checked before OUT is touched
-    for note in [] if opts.quiet else source.notes:
+    run = source = None
+    if opts.to_peft:
+        run = open_run(src)  # checked before OUT is touched
+    elif opts.merge_lora:
+        source = open_lora_source(src, opts)
+    else:
+        source = open_source(src, opts.tie_word_embeddings, factor)
+    if source is not None:
+        check_meta_flags(source, opts)
+        check_source(source)  # all of the input checked before OUT is touched
+    for note in [] if opts.quiet or source is None else source.notes:
         print(f"convert: {note}", file=sys.stderr)
 
     created = [p for p in reversed(out.absolute().parents) if not p.exists()]
@@ -341,7 +369,9 @@ def convert(opts: argparse.Namespace) -> str:
     progress = Progress(opts.quiet)
     tmp.mkdir()
     try:
-        if opts.to_hf:
+        if run is not None:
+            progress.total, files = write_peft(run, tmp, dtype=dtype), []
+        elif opts.to_hf:
             files = write_hf(source, tmp, dtype, max_shard, opts.bos_id, eos, progress)
         else:
             files = write_ours(source, tmp, dtype, max_shard, progress)
@@ -357,7 +387,10 @@ def convert(opts: argparse.Namespace) -> str:
                 break
         raise
     seconds = time.monotonic() - progress.t0
-    kind = "Hugging Face" if opts.to_hf else "converted"
+    kind = "PEFT adapter" if run is not None else "Hugging Face" if opts.to_hf else "converted"
+    if run is not None:
+        return (f"wrote {kind} {out}: {ADAPTER_FILE} ({len(run.shapes)} tensors, {progress.total / 1e6:.2f} MB) "
+                f"and {ADAPTER_CONFIG}")
     n_tensors = sum(len(f.tensors) for f in files)
     return (
         f"wrote {kind} checkpoint {out}: {n_tensors} tensors in {len(files)} files, {progress.total / 1e9:.2f} GB "
@@ -386,6 +419,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--to-hf", action="store_true",
         help="write a Hugging Face checkpoint (config.json, safetensors in HF names and RoPE layout, index) "
         "instead of the project's format",
+    )
+    parser.add_argument(
+        "--to-peft", action="store_true",
+        help="SRC is a LoRA run's checkpoint (train.py --lora-rank, SAVE_DIR/step_N): write its adapters as a PEFT "
+        f"adapter ({ADAPTER_FILE} in HF names and RoPE layout, {ADAPTER_CONFIG}) for PeftModel or vLLM",
+    )
+    parser.add_argument(
+        "--merge-lora", action="store_true",
+        help="with --to-hf, SRC a LoRA run's checkpoint: write its base with the adapters merged in, "
+        "W + scale * B A in the base's dtype",
+    )
+    parser.add_argument(
+        "--base", metavar="DIR",
+        help="with --merge-lora: the converted base checkpoint (default: the run's --checkpoint, as its trainer.json "
+        "records it); checked against the run's fingerprint of it",
     )
     parser.add_argument(
         "--dtype", choices=list(DTYPES),

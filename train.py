@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from llama.training.build import (
     build_trainee, choose_default_tp, make_mesh, prepare_device, read_model_and_tokenizer)
-from llama.training.checkpoint import CheckpointError, Checkpointer, checkpoint_name, decide_resume, fault_injection
+from llama.training.checkpoint import (
+    CheckpointError, Checkpointer, base_record, checkpoint_name, decide_resume, fault_injection)
 from llama.training.evaluation import Validation
 from llama.training.flags import build_parser, parse_args
 from llama.training.inputs import batch_layout, build_data
@@ -44,15 +45,17 @@ def train(opts, parser: Optional[argparse.ArgumentParser] = None) -> int:
     stop = StopRequests(parse_signals(opts.save_on_signal), parse_time_limit(opts.time_limit))
     device = prepare_device(opts, mesh)
     profile = StepProfiler(parse_step_range(opts.profile_steps), save_dir, rank, device)
-    resume_from = decide_resume(save_dir, opts.resume)
+    base = base_record(opts)  # a LoRA run's frozen base, which its checkpoints leave out
+    resume_from = decide_resume(save_dir, opts.resume, base)
     args, tokenizer = read_model_and_tokenizer(opts)
     global_batch = batch_layout(opts, args, dp_size(mesh))
     data = build_data(opts, tokenizer, mesh, global_batch, args.vocab_size)
     # resuming: the checkpoint's weights replace whatever is there, so none are drawn or read
+    # (but a LoRA run's base, which its checkpoints do not hold)
     trainee = build_trainee(opts.checkpoint or args, mesh, opts, init=resume_from is None)
     optimizer = build_optimizer(trainee.model, opts, device)
     state = TrainState(trainee.model, optimizer, data.loader, SkippedSteps(device), vars(opts))
-    checkpoints = Checkpointer(save_dir, opts.keep, async_save=opts.async_checkpoint, every=opts.save_every)
+    checkpoints = Checkpointer(save_dir, opts.keep, async_save=opts.async_checkpoint, every=opts.save_every, base=base)
     checkpoints.resume(resume_from, state)
     last_step = opts.steps if opts.stop_after is None else min(opts.steps, state.step + opts.stop_after)
     log = StepLog(opts, args, mesh, device, global_batch, last_step, resumed_at=None if resume_from is None else state.step)

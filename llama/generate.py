@@ -3,6 +3,7 @@
     python -m llama.generate --checkpoint DIR --tokenizer PATH --prompt "..."
     torchrun --nproc-per-node 4 -m llama.generate --tp 4 --checkpoint DIR --tokenizer PATH --prompt "..."
     python -m llama.generate --preset debug --seed 0 --tokenizer bytes --prompt "Hi"   # random weights
+    python -m llama.generate --checkpoint BASE --adapter RUN/step_N --tokenizer PATH --prompt "..."  # LoRA
 
 The prompt runs through the model once (prefill), then one token per step (decode),
 each step reading the cached keys and values of the earlier positions. Under tensor
@@ -225,6 +226,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--checkpoint", help="converted checkpoint directory, convert_weights.py output (required: this or --preset)")
     source.add_argument("--preset", choices=sorted(PRESETS),
         help="random-init model of this size (required: this or --checkpoint)")
+    p.add_argument("--adapter", metavar="RUN/step_N",
+        help="a LoRA run's checkpoint (train.py --lora-rank): its adapters on the --checkpoint base, unmerged "
+             "(default: none)")
     p.add_argument("--tokenizer", required=True, help="tokenizer.model, a directory holding one, or 'bytes' (required)")
     p.add_argument("--prompt", required=True, help="text to continue, or with --chat the user's message (required)")
     p.add_argument("--chat", action="store_true",
@@ -263,10 +267,12 @@ def build_model(args: argparse.Namespace, tp_mesh) -> Transformer:
     from parallel.mesh import local_device
 
     dtype = DTYPES[args.dtype or default_dtype(local_device())]
+    if args.adapter and not args.checkpoint:
+        raise ValueError("--adapter needs --checkpoint: the converted base the adapters were trained on")
     if args.checkpoint:
         from .weights.loading import load_model
 
-        return load_model(args.checkpoint, tp_mesh, dtype, device=local_device())
+        return load_model(args.checkpoint, tp_mesh, dtype, device=local_device(), adapter=args.adapter)
     with torch.device("meta"):
         model = Transformer(ModelArgs.from_preset(args.preset), tp_mesh)
     return model.to(dtype=dtype).init_weights(seed=args.seed, device=local_device())

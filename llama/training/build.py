@@ -77,6 +77,10 @@ def choose_default_tp(opts) -> Optional[str]:
 
 
 def build_trainee(source, mesh, opts, init: bool) -> Trainee:
+    """init=False (a resume): the shards are allocated, not drawn or read, as the checkpoint
+    fills them; except under LoRA, whose checkpoints hold the adapters only, so the base is
+    read (or drawn) as for a fresh run."""
+    lora = LoRAConfig.from_options(opts)
     options = dict(
         strategy=opts.strategy,
         sequence_parallel=opts.sequence_parallel,
@@ -84,8 +88,8 @@ def build_trainee(source, mesh, opts, init: bool) -> Trainee:
         activation_checkpointing=opts.activation_checkpointing,
         compile=opts.compile,
         seed=opts.seed,
-        init=init,
-        lora=LoRAConfig.from_options(opts),
+        init=init or lora is not None,
+        lora=lora,
     )
     if pp_mesh(mesh) is None:
         return Trainee(build_parallel_model(source, mesh, **options), cp=cp_mesh(mesh))

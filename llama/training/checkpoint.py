@@ -9,7 +9,14 @@ one CheckpointError on every rank.
 
 Every decision about checkpoints (which one to resume from, whether the directory already
 holds a run) is made once, by rank 0, and broadcast: ranks on different nodes may see a
-shared filesystem differently (parallel/control.py carries these messages)."""
+shared filesystem differently (parallel/control.py carries these messages).
+
+A LoRA run's checkpoint holds what trains and nothing of the frozen base: the adapters,
+their optimizer state, the data position and RNG. Its trainer.json records the base
+(`base`: the --checkpoint path and its fingerprint, llama.weights.peft.base_fingerprint),
+so a resume rebuilds the base from there and refuses another one. A LoRA run from random
+init (no --checkpoint) records its seed instead: the base is drawn again, alike on any
+mesh, by Transformer.init_weights(seed)."""
 
 import json
 import os
@@ -48,10 +55,48 @@ def complete_checkpoints(save_dir: Path) -> list:
 # ---------------------------------------------------------------- decisions made once
 
 
-def decide_resume(save_dir: Path, resume: bool) -> Optional[Path]:
+def base_record(opts) -> Optional[dict]:
+    """What a LoRA run's checkpoints say of the frozen base they adapt (None for a run that
+    trains every parameter): the --checkpoint it was read from and its fingerprint, or,
+    from random init, the --seed it was drawn with."""
+    from llama.config import ModelArgs
+    from llama.weights.peft import base_fingerprint, random_base_fingerprint
+
+    if not opts.lora_rank:
+        return None
+    if opts.checkpoint is None:
+        args = ModelArgs.from_preset(opts.preset)
+        return {"checkpoint": None, "seed": opts.seed, "fingerprint": random_base_fingerprint(args, opts.seed)}
+    path = Path(opts.checkpoint).absolute()
+    return {"checkpoint": str(path), "fingerprint": base_fingerprint(path)}
+
+
+def check_same_base(found: Path, base: Optional[dict]) -> None:
+    """The checkpoint `found` continues a run on this base (both None: neither LoRA)."""
+    recorded = json.loads((found / "trainer.json").read_text()).get("base")
+    if recorded is None and base is None:
+        return
+    if recorded is None:
+        raise ValueError(f"{found}: a checkpoint of a run that trains every parameter; it cannot resume with "
+                         "--lora-rank. Drop the --lora-* flags, or start the LoRA run in another --save-dir")
+    if base is None:
+        raise ValueError(f"{found}: holds LoRA adapters only; resume it with the run's --lora-* flags "
+                         f"(--config {found.parent / 'config.toml'} has them)")
+    if recorded["fingerprint"] != base["fingerprint"]:
+        def told(b):
+            return f"--checkpoint {b['checkpoint']}" if b.get("checkpoint") else f"random init with --seed {b.get('seed')}"
+        raise ValueError(
+            f"{found}: its adapters were trained on {told(recorded)} (fingerprint {recorded['fingerprint'][:12]}), "
+            f"but this run's base is {told(base)} (fingerprint {base['fingerprint'][:12]}); resume with the "
+            "run's own base, or start a new run in another --save-dir"
+        )
+
+
+def decide_resume(save_dir: Path, resume: bool, base: Optional[dict] = None) -> Optional[Path]:
     """The checkpoint to resume from, as rank 0 sees it; None for a fresh run. A fresh run
     in a directory that already holds checkpoints is refused on every rank at start-up
-    (rather than at its first save, or by quietly mixing two runs)."""
+    (rather than at its first save, or by quietly mixing two runs), and so is a resume on
+    another base than the checkpoint's (`base`: base_record's)."""
     answer = None
     if dist.get_rank() == 0:
         found = complete_checkpoints(save_dir)
@@ -61,7 +106,11 @@ def decide_resume(save_dir: Path, resume: bool) -> Optional[Path]:
                 "pass --resume to continue it, or choose another --save-dir"
             )
         elif found:
-            answer = str(found[-1])
+            try:
+                check_same_base(found[-1], base)
+                answer = str(found[-1])
+            except ValueError as err:
+                answer = err
     answer = broadcast_from_rank0(answer)
     if isinstance(answer, Exception):
         raise answer
@@ -134,10 +183,12 @@ class Checkpointer:
     control group) before anything is renamed, and raised on every rank as one
     CheckpointError naming the step, the directory and the failing rank."""
 
-    def __init__(self, save_dir: Path, keep: int, async_save: bool = False, every: int = 0):
+    def __init__(self, save_dir: Path, keep: int, async_save: bool = False, every: int = 0,
+                 base: Optional[dict] = None):
         from parallel.compat import checkpoint_stager
 
         self.save_dir = Path(save_dir)
+        self.base = base  # a LoRA run's base_record, into every trainer.json
         self.keep = keep
         self.async_save = async_save
         self.every = every  # steps between saves; 0: only at the last step
@@ -186,7 +237,8 @@ class Checkpointer:
         self.wait()
         final = self.save_dir / checkpoint_name(step)
         partial = self.save_dir / f".{final.name}.partial"
-        pending = _Pending(step, partial, final, dict(trainer), model.args)
+        trainer = dict(trainer, base=self.base) if self.base is not None else dict(trainer)
+        pending = _Pending(step, partial, final, trainer, model.args)
         error = None
         if self.rank == 0:
             try:
@@ -196,7 +248,7 @@ class Checkpointer:
                 error = err
         self._agree(pending, error)  # a barrier too: the directory exists before any rank writes into it
         model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optim": optim_state}
+        state = {"model": trained_only(model, model_state), "optim": optim_state}
         # This rank's own part first; the ranks agree on it before the write's collectives,
         # which would wait for a rank that failed here until they time out.
         try:
@@ -290,16 +342,27 @@ class Checkpointer:
             self._deleting.start()
 
 
+def trained_only(model, model_state: dict) -> dict:
+    """The model state without the frozen parameters (a LoRA run's base: it comes from the
+    base checkpoint, not from the run's); all of it when everything trains."""
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
+    return {name: value for name, value in model_state.items() if name not in frozen}
+
+
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Load model and optimizer state (resharded to this mesh) and this rank's RNG state when
-    the world size is unchanged. Returns trainer.json."""
+    the world size is unchanged. Returns trainer.json. A LoRA run's checkpoint fills the
+    adapters; the frozen base is already in the model, read from its own checkpoint."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
+    trained = trained_only(model, model_state)
+    state = {"model": trained, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # strict only when the checkpoint is the whole model: a LoRA run's leaves the base out
+    options = StateDictOptions(strict=len(trained) == len(model_state))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     trainer = json.loads((Path(path) / "trainer.json").read_text())
     rng = Path(path) / f"rng_rank{dist.get_rank()}.pt"
     if trainer["world_size"] == dist.get_world_size() and rng.is_file():

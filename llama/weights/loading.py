@@ -81,10 +81,15 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
     device=None,
+    adapter=None,
 ) -> Transformer:
     """The model of a converted checkpoint, with this rank's shards read from disk. `path`
     may also be a training checkpoint (train.py's step_N, a DCP directory), from which
-    each rank reads the stored chunks that overlap its shards."""
+    each rank reads the stored chunks that overlap its shards. `adapter`: a LoRA run's
+    checkpoint (RUN/step_N) whose adapters are attached, unmerged, with the run's config;
+    `path` must be the base it trained on (checked by fingerprint)."""
+    if adapter is not None:
+        return _load_adapted(path, adapter, tp_mesh, dtype, sequence_parallel, device)
     training = is_training_checkpoint(path)
     if training:
         source = dcp_source(Path(path))
@@ -105,4 +110,29 @@ def load_model(
     group = None if tp_mesh is None else tp_mesh.get_group()
     with torch.no_grad():
         read_dcp_shards_(Path(path), expected_tensors(model), group)
+    return model
+
+
+def _load_adapted(path, adapter, tp_mesh, dtype, sequence_parallel, device) -> Transformer:
+    """load_model(base, adapter=RUN/step_N): the adapters' config, shapes and base checked
+    before anything is allocated, then the base read as usual and the adapters from DCP."""
+    from ..lora import add_adapters, is_adapter
+    from .peft import open_run
+
+    run = open_run(adapter)  # its adapters match its recorded config: rank, targets
+    base = run.check_base(path)
+    args = read_model_args(base)
+    if device is None:
+        device = local_device(tp_mesh.device_type if tp_mesh is not None else "cpu")
+    with torch.device("meta"):
+        model = Transformer(args, tp_mesh, sequence_parallel=sequence_parallel)
+        add_adapters(model, run.lora)
+    located = _locate(model, base)
+    model.to(dtype=dtype)
+    model.to_empty(device=device)
+    load_weights_(model, base, located)
+    adapters = {name: param for name, param in model.named_parameters() if is_adapter(name)}
+    group = None if tp_mesh is None else tp_mesh.get_group()
+    with torch.no_grad():
+        read_dcp_shards_(Path(adapter), adapters, group)
     return model
