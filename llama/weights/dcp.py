@@ -31,6 +31,7 @@ def dcp_source(path: Path) -> Source:
             f"{path}: a DCP checkpoint, but no {ARGS_FILE} in it or in {path.parent}; copy there the {ARGS_FILE} "
             "of the converted checkpoint the training started from"
         )
+    check_not_adapters_only(path)
     meta = read_checkpoint_meta(args_dir)
     config = args_dir / ARGS_FILE
     args = read_args(lambda file: ModelArgs.from_dict(meta["model_args"], source=str(file)), config)
@@ -50,6 +51,20 @@ def dcp_source(path: Path) -> Source:
         read = partial(_read_dcp, path, key, shape, dtype)
         source.tensors[name] = SourceTensor(name, dtype, shape, read, f"{path}: tensor {key}")
     return source
+
+
+def check_not_adapters_only(path: Path) -> None:
+    """A LoRA run's checkpoint holds its adapters, not a model (its trainer.json records the
+    base they adapt): say what to do with it instead of listing the base's tensors as missing."""
+    import json
+
+    trainer = path / "trainer.json"
+    if trainer.is_file() and json.loads(trainer.read_text()).get("base"):
+        raise ValueError(
+            f"{path}: a LoRA run's checkpoint, holding its adapters only; export them with convert_weights.py "
+            "--to-peft, merge them with --to-hf --merge-lora, or load them with load_model(BASE, adapter=...) / "
+            "llama.generate --checkpoint BASE --adapter"
+        )
 
 
 def dcp_key(name: str, stored) -> Optional[str]:
