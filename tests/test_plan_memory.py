@@ -5,6 +5,7 @@ and the model-state terms against the tensors a real 2x2 run holds."""
 import json
 from dataclasses import replace
 
+import pytest
 import torch
 
 from llama import ModelArgs
@@ -124,36 +125,78 @@ def storage_bytes(tensors) -> int:
 
 def _model_state_bytes(args, cfg) -> dict:
     """The storages this rank's parameters, gradients (after one backward) and AdamW m and
-    v (after one step) hold, and AdamW's per-tensor step counters."""
+    v (after one step) hold, and AdamW's per-tensor step counters. With cfg.lora_rank, the
+    trainable parameters are the adapters; the frozen base's storages are counted apart."""
     from parallel.fsdp import build_parallel_model
     from parallel.mesh import build_mesh
     from parallel.train_utils import token_loss
 
+    mixed_precision = None if cfg.mixed_precision == "fp32" else cfg.mixed_precision
     model = build_parallel_model(args, build_mesh(tp=2, device="cpu"), strategy="full",
-                                 sequence_parallel=cfg.sequence_parallel)
-    held = {"param_bytes": storage_bytes(model.parameters())}
+                                 sequence_parallel=cfg.sequence_parallel, mixed_precision=mixed_precision, lora=cfg.lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    held = {"param_bytes": storage_bytes(trainable), "frozen_bytes": storage_bytes(frozen)}
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab_size, (cfg.batch, cfg.seq_len + 1), generator=gen)
     token_loss(model(tokens[:, :-1]), tokens[:, 1:], cfg.batch * cfg.seq_len).backward()
-    held["grad_bytes"] = storage_bytes(p.grad for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    held["grad_bytes"] = storage_bytes(p.grad for p in trainable)
+    held["frozen gradients"] = sum(p.grad is not None for p in frozen)
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
     opt.step()
     held["optimizer_bytes"] = storage_bytes(s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))
     held["step counters"] = storage_bytes(s["step"] for s in opt.state.values())
-    held["parameter tensors"] = len(list(model.parameters()))
+    held["parameter tensors"] = len(trainable)
     return held
 
 
-def test_parameter_gradient_and_optimizer_terms_are_the_tensors_of_a_2x2_run():
+def _model_states_of_runs(args, cfgs) -> list:
+    return [_model_state_bytes(args, cfg) for cfg in cfgs]
+
+
+# One launch of 4 gloo ranks for every run the tests below compare with the planner
+LORA_CFG = replace(STATE_CFG, lora_rank=4)
+LORA_BF16_CFG = replace(LORA_CFG, mixed_precision="bf16")
+REAL_RUNS = (STATE_CFG, LORA_CFG, LORA_BF16_CFG)
+
+
+@pytest.fixture(scope="module")
+def real_2x2_states() -> dict:
+    """cfg -> rank 0's model-state storages in a real 2x2 run of STATE_ARGS."""
+    from parallel.spawn import run_on_ranks
+
+    held = run_on_ranks(_model_states_of_runs, 4, STATE_ARGS, REAL_RUNS)[0]
+    return dict(zip(REAL_RUNS, held))
+
+
+def test_parameter_gradient_and_optimizer_terms_are_the_tensors_of_a_2x2_run(real_2x2_states):
     """4 gloo ranks, full, 2x2, fp32: rank 0's parameter shards, its sharded gradients after
     a backward and its AdamW m and v after a step hold exactly the planner's bytes, counted
     as tensor storages (FSDP pads nothing here); AdamW's one fp32 step counter per
     parameter tensor, which the planner leaves out, is 4 bytes each."""
-    from parallel.spawn import run_on_ranks
-
-    held = run_on_ranks(_model_state_bytes, 4, STATE_ARGS, STATE_CFG)[0]
+    held = real_2x2_states[STATE_CFG]
     planned = plan(STATE_ARGS, 4, tp=2, cfg=STATE_CFG, strategies=["full"])["full"]
     print(held)
     for key in ("param_bytes", "grad_bytes", "optimizer_bytes"):
         assert held[key] == planned[key], (key, held[key], planned[key])
     assert held["step counters"] == 4 * held["parameter tensors"]
+
+
+@pytest.mark.parametrize("cfg", [LORA_CFG, LORA_BF16_CFG], ids=["fp32", "bf16"])
+def test_lora_adapter_and_frozen_base_terms_are_the_tensors_of_a_2x2_lora_run(real_2x2_states, cfg):
+    """The same 2x2 run with r 4 adapters on all seven projections: the adapters' fp32
+    shards, their gradients and their AdamW m and v hold the planner's adapter bytes; the
+    frozen base holds the planner's base bytes (fp32, or bf16 under bf16 mixed precision, as
+    build_parallel_model stores it) and gets no gradient."""
+    held = real_2x2_states[cfg]
+    planned = plan(STATE_ARGS, 4, tp=2, cfg=cfg, strategies=["full"])["full"]
+    print(held)
+    assert "param_bytes" not in planned and "grad_bytes" not in planned
+    assert held["frozen gradients"] == 0
+    assert held["param_bytes"] == planned["adapter_param_bytes"]
+    assert held["grad_bytes"] == planned["adapter_grad_bytes"]
+    assert held["optimizer_bytes"] == planned["adapter_optimizer_bytes"]
+    assert held["frozen_bytes"] == planned["base_param_bytes"]
+    assert held["param_bytes"] == 4 * planned["trainable_params_per_rank"]
+    full = real_2x2_states[STATE_CFG]
+    assert held["param_bytes"] < full["param_bytes"] / 20  # r 4 on dim 512: ~3% of the model

@@ -4,6 +4,7 @@ parallelism over tp, pipeline parallelism over pp and context parallelism over c
     python -m parallel.plan --model 3.1-405b --nodes 16 --gpus-per-node 8 [--json]
     python -m parallel.plan --model 3.1-405b --nodes 1024 --tp 8 --pp 16 --pp-microbatches 32 \\
         --seq-len 8192 --micro-batch 1 --activation-checkpointing full --gpu-memory 79.1
+    python -m parallel.plan --model 3.1-405b --tp 8 --lora-rank 16 --base-dtype nf4 --gpu-memory 79.1
 
 The command line: its flags, the table (or JSON) it prints and the lines under it. The
 first paragraph above is its --help description; parallel/plan/__init__.py says what the
@@ -19,7 +20,7 @@ from llama.config import PRESETS
 
 from ..fsdp import STRATEGIES, get_strategy
 from ..pipeline import PipelineConfig, add_pipeline_arguments
-from .config import COMPUTE_EFFICIENCY, DEFAULTS, PEAK_TFLOPS, Hardware, StepConfig
+from .config import BASE_DTYPES, COMPUTE_EFFICIENCY, DEFAULTS, PEAK_TFLOPS, Hardware, StepConfig
 from .layout import Layout, check_layout, pipeline_bubble
 from .memory import format_gib
 from .planner import choose_tp, default_dp_replicate, plan
@@ -41,6 +42,8 @@ def format_table(results: dict, header: str) -> str:
         row("pp rank with the most memory", [r["pp_rank"] for r in results.values()])
         row("  its layers, forwards in flight", [f"{r['layers_on_rank']}, {r['forwards_in_flight']}" for r in results.values()])
     row("params / rank", [f"{r['params_per_rank']:,}" for r in results.values()])
+    if "trainable_params_per_rank" in first:
+        row("  of them trainable (adapters)", [f"{r['trainable_params_per_rank']:,}" for r in results.values()])
     for key, label in MEMORY_ROWS:
         if key in first:
             row(label, [format_gib(r[key]) for r in results.values()])
@@ -73,6 +76,11 @@ MEMORY_ROWS = [
     ("param_bytes", "params fp32 (GiB)"),
     ("grad_bytes", "grads fp32 (GiB)"),
     ("optimizer_bytes", "AdamW m+v fp32 (GiB)"),
+    ("base_param_bytes", "frozen base params (GiB)"),
+    ("nf4_scale_bytes", "NF4 block scales (GiB)"),
+    ("adapter_param_bytes", "adapter params fp32 (GiB)"),
+    ("adapter_grad_bytes", "adapter grads fp32 (GiB)"),
+    ("adapter_optimizer_bytes", "adapter AdamW m+v fp32 (GiB)"),
     ("master_bytes", "extra fp32 master (GiB)"),
     ("gathered_param_bytes", "gathered params peak (GiB)"),
     ("unsharded_grad_bytes", "unsharded grads (GiB)"),
@@ -80,6 +88,7 @@ MEMORY_ROWS = [
     ("activation_bytes", "activations (GiB)"),
     ("cp_kv_bytes", "cp all-gathered K/V (GiB)"),
     ("attention_workspace_bytes", "attention workspace (GiB)"),
+    ("nf4_dequantized_bytes", "NF4 projection dequantised (GiB)"),
     ("allocated_bytes", "= allocated peak (GiB)"),
     ("allocator_slack_bytes", "allocator slack (GiB)"),
     ("cuda_context_bytes", "CUDA context (GiB)"),
@@ -135,6 +144,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="split activations along the sequence between blocks when tp > 1 (default: on, as train.py)")
     p.add_argument("--document-masking", action=argparse.BooleanOptionalAction, default=d["document_masking"],
         help="attention within documents: flex attention's block mask on CUDA (default: on, as train.py)")
+    # train.py's LoRA flags, with train.py's help; alpha and rsLoRA change no byte or FLOP
+    p.add_argument("--lora-rank", type=int, default=d["lora_rank"],
+        help="rank r of the adapters; 0 trains every parameter (default: %(default)s, as train.py)")
+    p.add_argument("--lora-targets", default=",".join(d["lora_targets"]),
+        help="projections that get an adapter, Meta's names (default: %(default)s, as train.py)")
+    p.add_argument("--lora-dropout", type=float, default=d["lora_dropout"],
+        help="dropout on the adapters' input (default: %(default)s, as train.py)")
+    p.add_argument("--base-dtype", choices=BASE_DTYPES, default=None,
+        help="with --lora-rank, the frozen base's storage: nf4 (QLoRA: the seven projections' weights 4-bit "
+             "NormalFloat, double-quantised scales) (default: the compute dtype, bf16 under --dtype bf16)")
     p.add_argument("--gpu-memory", type=float, default=None,
         help="GiB per GPU (an 80 GB H100 reports 79.1): say whether the plan fits, and the largest "
              "micro-batch that does (default: not asked)")
@@ -168,6 +187,10 @@ def main(argv=None) -> int:
             mixed_precision=opts.mixed_precision,
             activation_checkpointing=opts.activation_checkpointing,
             document_masking=opts.document_masking,
+            lora_rank=opts.lora_rank,
+            lora_targets=tuple(t.strip() for t in opts.lora_targets.split(",") if t.strip()),
+            lora_dropout=opts.lora_dropout,
+            base_dtype=opts.base_dtype,
         )
         layout = Layout(
             pp=opts.pp,
@@ -230,6 +253,10 @@ def main(argv=None) -> int:
         f"activation checkpointing {cfg.activation_checkpointing}, "
         f"document masking {'on' if cfg.document_masking else 'off'}"
     )
+    if cfg.lora_rank:
+        base = cfg.base_dtype or cfg.mixed_precision
+        header += (f"; LoRA r {cfg.lora_rank} on {','.join(cfg.lora_targets)}"
+                   f"{f', dropout {cfg.lora_dropout:g}' if cfg.lora_dropout else ''}, frozen base {base}")
     print(format_table(results, header))
     if tp_reason:
         print(tp_reason)

@@ -10,6 +10,7 @@ from ..fsdp import checkpointed_blocks
 from .config import StepConfig
 from .counter import Collective
 from .layout import Layout, PipelineRank, whole_model
+from .lora import adapter_share_numel
 
 
 def _on_rank(param_name: str, rank: PipelineRank) -> bool:
@@ -35,21 +36,24 @@ def fsdp_collectives(groups, dims: dict, shard: int, strategy, cfg: StepConfig, 
     per group.
 
     FSDP skips the all-gather and reduce-scatter on a one-rank shard group. The shard group
-    is dp (dp_shard for HSDP) times cp: context-parallel ranks hold different tokens."""
+    is dp (dp_shard for HSDP) times cp: context-parallel ranks hold different tokens.
+    With LoRA a group gathers its frozen base in its storage dtype (NF4 as NF4) and reduces
+    only its adapters' gradients; a group without adapters reduces nothing."""
     label = "dp_shard" if strategy.hybrid else "dp"
     if dims.get("cp", 1) > 1:
         label += " x cp"
     out = []
-    for _, numel, reshard in groups:
+    for group in groups:
         if shard > 1:
-            gathered = Collective(label, "all_gather", shard * numel * cfg.compute_bytes, shard)
+            gathered = Collective(label, "all_gather", group.gathered_bytes(shard, cfg.compute_bytes), shard)
             if pipelined_microbatches:
                 out.append(gathered)
             else:
-                out += [gathered] * (2 if reshard else 1)
-            out.append(Collective(label, "reduce_scatter", shard * numel * 4, shard))
-        if strategy.hybrid:
-            out.append(Collective("dp_replicate", "all_reduce", numel * 4, dims["dp_replicate"]))
+                out += [gathered] * (2 if group.reshard else 1)
+            if group.trainable:
+                out.append(Collective(label, "reduce_scatter", shard * group.trainable * 4, shard))
+        if strategy.hybrid and group.trainable:
+            out.append(Collective("dp_replicate", "all_reduce", group.trainable * 4, dims["dp_replicate"]))
     return out * cfg.grad_accum
 
 
@@ -64,7 +68,10 @@ def tp_collectives(model, cfg: StepConfig, tp: int, rank: Optional[PipelineRank]
     without a pipeline, once per step with one: the all-reduce of each gradient the tp ranks
     computed in part (kv projections shared when tp > n_kv_heads), which FSDP does when it
     reduces. Per micro-batch, under sequence parallelism: each norm weight's fp32 all-reduce
-    in backward (parallel/layers.py sequence_parallel_weight)."""
+    in backward (parallel/layers.py sequence_parallel_weight). With LoRA the frozen norms and
+    kv projections have no gradient to sum; instead, once per optimizer step, one fp32
+    all-reduce of the tp shares of the replicated adapter factors' gradients
+    (parallel/layers.py sum_adapter_gradients)."""
     if tp == 1:
         return []
     args = model.args
@@ -99,12 +106,16 @@ def tp_collectives(model, cfg: StepConfig, tp: int, rank: Optional[PipelineRank]
 
     partial, norms = [], []
     for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
         shared_kv = name.endswith(("wk.weight", "wv.weight")) and not model.layers[0].attention.layout.kv_sharded
         if sp and name.endswith("norm.weight") and _on_rank(name, rank):
             norms.append(Collective("tp", "all_reduce", param.numel() * 4, tp))  # in fp32, in each backward
         elif shared_kv and _on_rank(name, rank):
             partial.append(Collective("tp", "all_reduce", param.numel() * cfg.compute_bytes, tp))
-    return ((out + norms) * microbatches + partial) * cfg.grad_accum
+    shares = adapter_share_numel(model, rank.layers)
+    adapters = [Collective("tp", "all_reduce", 4 * shares, tp)] if shares else []
+    return ((out + norms) * microbatches + partial) * cfg.grad_accum + adapters
 
 
 def cp_collectives(model, cfg: StepConfig, cp: int, rank: PipelineRank, microbatches: int) -> list:

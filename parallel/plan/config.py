@@ -4,6 +4,9 @@ constants)."""
 
 import argparse
 from dataclasses import dataclass
+from typing import Optional
+
+from llama.lora import TARGETS, LoRAConfig
 
 # The step-time estimate's hardware: H100 SXM nodes of 8 GPUs, the cluster of the Llama 3
 # paper. Assumptions, not fitted to any training run:
@@ -25,8 +28,11 @@ NETWORK_BYTES_PER_S = 50e9
 # default on CUDA). tests/test_plan.py holds the two equal.
 DEFAULTS = dict(
     seq_len=256, batch=4, grad_accum=1, strategy="full", sequence_parallel=True, mixed_precision="bf16",
-    activation_checkpointing="none", document_masking=True,
+    activation_checkpointing="none", document_masking=True, lora_rank=0, lora_targets=TARGETS, lora_dropout=0.0,
 )
+# --base-dtype: how the frozen base of a LoRA run is stored. Unset: as build_parallel_model
+# stores it, in the compute dtype (bf16 under bf16 mixed precision, fp32 in fp32 runs)
+BASE_DTYPES = ("nf4",)
 
 
 @dataclass(frozen=True)
@@ -39,16 +45,43 @@ class StepConfig:
     activation_checkpointing: str = DEFAULTS["activation_checkpointing"]
     # on CUDA: flex attention with a block mask; off: SDPA's flash kernel, causal only
     document_masking: bool = DEFAULTS["document_masking"]
+    # LoRA (llama/lora.py): 0 trains every parameter; else adapters of this rank on these
+    # projections train and the base is frozen. (alpha and rsLoRA change no byte or FLOP.)
+    lora_rank: int = DEFAULTS["lora_rank"]
+    lora_targets: tuple = DEFAULTS["lora_targets"]
+    lora_dropout: float = DEFAULTS["lora_dropout"]
+    base_dtype: Optional[str] = None  # None or one of BASE_DTYPES ("nf4": QLoRA)
+
+    def __post_init__(self):
+        if self.base_dtype is not None and self.base_dtype not in BASE_DTYPES:
+            raise ValueError(f"--base-dtype {self.base_dtype}: choose one of {', '.join(BASE_DTYPES)}, or leave it "
+                             "unset for the compute dtype")
+        if self.base_dtype is not None and not self.lora_rank:
+            raise ValueError(f"--base-dtype {self.base_dtype} stores a frozen base: it needs --lora-rank R (QLoRA)")
+        self.lora  # checks the rank, the dropout and the targets, with LoRAConfig's messages
 
     @property
     def compute_bytes(self) -> int:
         return 2 if self.mixed_precision == "bf16" else 4
 
+    @property
+    def lora(self) -> Optional[LoRAConfig]:
+        """The adapters build_parallel_model adds; None without --lora-rank."""
+        if not self.lora_rank:
+            return None
+        return LoRAConfig(self.lora_rank, dropout=self.lora_dropout, targets=tuple(self.lora_targets))
+
     @classmethod
     def from_options(cls, opts: argparse.Namespace) -> "StepConfig":
-        """What train.py's flags run on a GPU (bf16 unless --dtype says otherwise)."""
+        """What train.py's flags run on a GPU (bf16 unless --dtype says otherwise), with its
+        --lora-* flags, and --base-dtype nf4 where train.py has that flag (QLoRA); any other
+        base dtype plans the base as build_parallel_model stores it."""
+        lora = LoRAConfig.from_options(opts)
+        base_dtype = getattr(opts, "base_dtype", None)
         return cls(opts.seq_len, opts.micro_batch, opts.grad_accum, opts.sequence_parallel, opts.dtype or "bf16",
-                   opts.activation_checkpointing, opts.document_masking)
+                   opts.activation_checkpointing, opts.document_masking,
+                   lora_rank=lora.rank if lora else 0, lora_targets=lora.targets if lora else TARGETS,
+                   lora_dropout=lora.dropout if lora else 0.0, base_dtype=base_dtype if base_dtype in BASE_DTYPES else None)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from ..fsdp import checkpointed_blocks
 from .comm import fsdp_collectives
 from .config import Hardware, StepConfig
 from .layout import Layout, PipelineRank, group_span, pipeline_bubble
+from .lora import lora_block_params
 
 
 def block_params(args: ModelArgs) -> int:
@@ -24,15 +25,33 @@ def rank_flops(args: ModelArgs, cfg: StepConfig, tp: int, cp: int, rank: Pipelin
     2 per weight forward and 4 backward, and causal attention's 2 x 2 x heads x head_dim x
     S/2 forward (QK^T and PV; a query meets S/2 keys on average; cp's load-balanced chunks
     keep that true per cp rank), twice that backward; a recomputed block's forward once more;
-    the LM head's 6 x vocab x dim per token on the last stage; all split over tp."""
+    the LM head's 6 x vocab x dim per token on the last stage; all split over tp.
+    With LoRA the frozen base computes only its input gradients in backward: 2 per weight,
+    2/3 of a full backward's matmuls; the adapters (r (in + out) per projection, the two
+    small matmuls) 2 forward and 4 backward."""
     tokens = cfg.batch * cfg.seq_len // cp
     attention_forward = 2 * args.n_heads * args.head_dim * cfg.seq_len  # 4 x S/2
-    block_forward = 2 * block_params(args) + attention_forward
+    weight_backward = 2 if cfg.lora_rank else 4  # input gradients (+ weight gradients)
+    adapters = lora_block_params(args, cfg)
+    block_forward = 2 * (block_params(args) + adapters) + attention_forward
+    block_backward = weight_backward * block_params(args) + 4 * adapters + 2 * attention_forward
     checkpointed = set(checkpointed_blocks(args.n_layers, cfg.activation_checkpointing))
-    per_token = sum(3 * block_forward + (block_forward if layer in checkpointed else 0) for layer in rank.layers)
+    per_token = sum(block_forward + block_backward + (block_forward if layer in checkpointed else 0)
+                    for layer in rank.layers)
     if rank.last:
-        per_token += 6 * args.vocab_size * args.dim
+        per_token += (2 + weight_backward) * args.vocab_size * args.dim
     return tokens * per_token / tp
+
+
+def model_flops_per_token(args: ModelArgs, cfg: StepConfig) -> int:
+    """The model FLOPs of MFU: ModelArgs.training_flops_per_token (6 per weight, the full
+    S x S attention); with LoRA the frozen weights' 2 per weight of weight gradients left
+    out and the adapters' 6 per parameter added."""
+    full = args.training_flops_per_token(cfg.seq_len)
+    if not cfg.lora_rank:
+        return full
+    dense = args.num_params(include_embedding=False) + (args.vocab_size * args.dim if args.tie_word_embeddings else 0)
+    return full - 2 * dense + 6 * args.n_layers * lora_block_params(args, cfg)
 
 
 def _seconds(collectives, dims: dict, hardware: Hardware, ops=None) -> float:
@@ -60,7 +79,7 @@ def step_estimate(args: ModelArgs, cfg: StepConfig, dims: dict, layout: Layout, 
     A collective's time is the bytes a rank sends / the bandwidth of its group: NVLink when
     the group fits in a node (tp innermost, pp outermost), else the network, at full
     bisection bandwidth anywhere, with no per-hop latency. MFU counts the model FLOPs of
-    `ModelArgs.training_flops_per_token` (the full S x S attention), HFU the FLOPs the
+    `model_flops_per_token` (the full S x S attention), HFU the FLOPs the
     kernels execute (causal attention, recomputation included)."""
     hw = layout.hardware
     pp, cp, tp, m, v = layout.pp, layout.cp, dims["tp"], layout.microbatches, layout.virtual_stages
@@ -77,7 +96,7 @@ def step_estimate(args: ModelArgs, cfg: StepConfig, dims: dict, layout: Layout, 
         if pp > 1:
             dp_s = max(0.0, gathers - compute) + reduces
         else:
-            last = max(rank_groups, key=lambda group: group[1])
+            last = max(rank_groups, key=lambda group: group.trainable)
             tail = fsdp_collectives([last], dims, shard, strategy, replace(cfg, grad_accum=1))
             dp_s = max(0.0, gathers + reduces - compute) + _seconds(tail, dims, hw, ops=("reduce_scatter", "all_reduce"))
         per_rank.append({"compute": compute, "tp": tp_s, "cp": cp_s, "dp": dp_s})
@@ -91,7 +110,7 @@ def step_estimate(args: ModelArgs, cfg: StepConfig, dims: dict, layout: Layout, 
     world = math.prod(dims.values())
     dp = world // (pp * cp * tp)
     tokens = cfg.batch * cfg.seq_len * m * cfg.grad_accum * dp
-    model_flops = tokens * args.training_flops_per_token(cfg.seq_len)
+    model_flops = tokens * model_flops_per_token(args, cfg)
     tflops = model_flops / step / world / 1e12
     executed = sum(rank_flops(args, cfg, tp, cp, rank) for rank in ranks) * micro_batches * (world // pp)
     return {
@@ -104,7 +123,7 @@ def step_estimate(args: ModelArgs, cfg: StepConfig, dims: dict, layout: Layout, 
         "dp_exposed_seconds": dp_s,
         "bubble": pipeline_bubble(pp, m, v),
         "tokens_per_step": tokens,
-        "model_flops_per_token": args.training_flops_per_token(cfg.seq_len),
+        "model_flops_per_token": model_flops_per_token(args, cfg),
         "tflops_per_gpu": tflops,
         "mfu": tflops / hw.peak_tflops,
         "hfu": executed / step / world / 1e12 / hw.peak_tflops,

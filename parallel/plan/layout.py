@@ -5,6 +5,7 @@ shape, and the mesh's dimensions and how far their groups spread."""
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from llama.config import ModelArgs
 
@@ -13,6 +14,7 @@ from ..fsdp import fsdp_groups
 from ..mesh import mesh_shape
 from ..pipeline import PipelineConfig, check_pipeline, stage_layer_counts
 from .config import Hardware, StepConfig
+from .lora import nf4_code_bytes, nf4_scale_bytes, quantized_weights
 
 
 @dataclass(frozen=True)
@@ -155,15 +157,45 @@ def _own_params(modules, claimed: set) -> list:
     return params
 
 
-def group_shards(model, strategy) -> list:
-    """(name, numel of this rank's shard, reshard_after_forward) per FSDP group. Rank 0's
-    shard is FSDP's padded shard size, which the collectives move."""
+class GroupShard(NamedTuple):
+    """One FSDP group on this rank (rank 0: FSDP's padded shard sizes, which the
+    collectives move). Without LoRA every parameter trains: trainable == numel."""
+
+    name: str
+    numel: int  # elements of this rank's shards of the group's parameters
+    reshard: bool  # reshard_after_forward
+    trainable: int = 0  # of them, those that train (all, or the adapters): gradients, AdamW state
+    frozen_bytes: int = 0  # the frozen base's shards as stored (bf16 / fp32), NF4 ones excluded
+    nf4_codes: int = 0  # bytes of the 4-bit codes of the weights stored as NF4
+    nf4_scales: int = 0  # bytes of their double-quantised scales
+
+    def gathered_bytes(self, shard: int, compute_bytes: int) -> int:
+        """The group unsharded: what trains cast to the compute dtype, the frozen base in its
+        storage dtype (the compute dtype too: build_parallel_model stores it so), NF4
+        weights as NF4 (torchao's FSDP2 hooks gather the codes and the scales)."""
+        return shard * (self.trainable * compute_bytes + self.frozen_bytes + self.nf4_codes + self.nf4_scales)
+
+
+def group_shards(model, strategy, nf4: bool = False) -> list:
+    """A GroupShard per FSDP group. `nf4`: the projections' frozen weights are planned as
+    NF4, each rank's shard quantised on its own, from the dtype they are stored in."""
     claimed: set = set()
+    quantized = quantized_weights(model) if nf4 else set()
     groups = []
     for name, modules, reshard in fsdp_groups(model, strategy):
-        numel = sum(p.to_local().numel() for p in _own_params(modules, claimed))
+        numel = trainable = frozen = codes = scales = 0
+        for param in _own_params(modules, claimed):
+            local = param.to_local()
+            numel += local.numel()
+            if param.requires_grad:
+                trainable += local.numel()
+            elif id(param) in quantized:
+                codes += nf4_code_bytes(local.numel())
+                scales += nf4_scale_bytes(local.numel(), local.element_size())
+            else:
+                frozen += local.numel() * local.element_size()
         if numel:
-            groups.append((name, numel, reshard))
+            groups.append(GroupShard(name, numel, reshard, trainable, frozen, codes, scales))
     return groups
 
 

@@ -13,6 +13,7 @@ from ..fsdp import checkpointed_blocks
 from ..layers import CROSS_ENTROPY_CHUNK_BYTES
 from .config import StepConfig
 from .layout import PipelineRank, whole_model
+from .lora import lora_block_activation_bytes, nf4_dequantize_bytes, quantized_weights
 
 GIB = 2**30
 MIB = 2**20
@@ -34,6 +35,11 @@ ALLOCATOR_SLACK = 0.15
 # per (sequence, query block, key block), for full and partial blocks, forward and transposed
 FLEX_BLOCK = 128
 
+# The model states, which FSDP shards over dp: without LoRA the first four; with LoRA the
+# frozen base (NF4 codes or bf16/fp32 weights), NF4's scales, and the adapters' states
+MODEL_STATE_KEYS = ("param_bytes", "grad_bytes", "optimizer_bytes", "master_bytes", "base_param_bytes",
+                    "nf4_scale_bytes", "adapter_param_bytes", "adapter_grad_bytes", "adapter_optimizer_bytes")
+
 
 def format_gib(n) -> str:
     return f"{n / GIB:.2f}"
@@ -53,7 +59,12 @@ def block_activation_bytes(model, cfg: StepConfig, tp: int, cp: int = 1) -> tupl
                                               no s x s scores; see attention_workspace_bytes)
       MLP:                4 b B s f          (w1 out, silu, w3 out, product)
       keys and values:    2 b B S kv         (after RoPE; with cp > 1 all-gathered over cp,
-                                              the whole sequence, which attention saves)"""
+                                              the whole sequence, which attention saves)
+      LoRA:               x A^T per adapted projection, and with dropout its dropped input
+                          (parallel.plan.lora.lora_block_activation_bytes). The frozen base
+                          keeps the base block's tensors: an upper bound, as a projection
+                          without an adapter and a frozen weight needs no input saved for a
+                          weight gradient, but the adapted ones read the same inputs."""
     args = model.args
     layout = model.layers[0].attention.layout
     b, B, full, h = cfg.compute_bytes, cfg.batch, cfg.seq_len, args.dim
@@ -64,7 +75,7 @@ def block_activation_bytes(model, cfg: StepConfig, tp: int, cp: int = 1) -> tupl
     norm = (4 + b) * B * s_local * h
     region = b * B * s * h
     attention = b * B * s * q + 2 * b * B * s * q + 4 * B * layout.n_local_heads * s
-    block = 2 * norm + 2 * region + attention + 4 * b * B * s * f
+    block = 2 * norm + 2 * region + attention + 4 * b * B * s * f + lora_block_activation_bytes(model, cfg, tp, cp)
     return block, 2 * b * B * full * kv
 
 
@@ -139,8 +150,10 @@ def gathered_param_bytes(groups, shard: int, strategy, cfg: StepConfig, pipeline
     """Peak of unsharded parameters: with resharding, the groups that stay gathered plus two
     blocks (the one computing and the one being prefetched); without, the whole tp shard of
     the model at the end of forward. Under a pipeline every group of the stage stays
-    gathered from its first backward to the end of the step (see fsdp_collectives)."""
-    sizes = [(numel * shard * cfg.compute_bytes, reshard) for _, numel, reshard in groups]
+    gathered from its first backward to the end of the step (see fsdp_collectives). A
+    group gathers in the compute dtype, a LoRA run's frozen base in its storage dtype and
+    NF4 weights as NF4 (GroupShard.gathered_bytes)."""
+    sizes = [(group.gathered_bytes(shard, cfg.compute_bytes), group.reshard) for group in groups]
     if pipelined or not strategy.reshard_after_forward:
         return sum(size for size, _ in sizes)
     kept = sum(size for size, reshard in sizes if not reshard)
@@ -158,8 +171,11 @@ def fsdp_gradient_buffers(groups, shard: int, cfg: StepConfig, pipelined: bool =
 
     Under a pipeline the reduction waits for the last micro-batch: FSDP2 accumulates every
     group's unsharded gradients in the reduce dtype (fp32) across micro-batches, beside the
-    fresh compute-dtype gradient of the group computing."""
-    unsharded = {name: numel * shard for name, numel, _ in groups}
+    fresh compute-dtype gradient of the group computing.
+
+    Only what trains has gradients: with LoRA, the adapters (FSDP2 reduces only the
+    parameters that got a gradient)."""
+    unsharded = {group.name: group.trainable * shard for group in groups}
     if pipelined:
         largest = max(unsharded.values())
         fresh = cfg.compute_bytes * largest if cfg.compute_bytes != 4 else 0
@@ -167,6 +183,34 @@ def fsdp_gradient_buffers(groups, shard: int, cfg: StepConfig, pipelined: bool =
     root = unsharded.pop("root", 0)
     largest = max(unsharded.values(), default=root)
     return cfg.compute_bytes * (root + largest), 4 * max(largest, root)
+
+
+def model_state_bytes(groups, cfg: StepConfig) -> dict:
+    """This rank's shards of the model states. Without LoRA: fp32 params (the master
+    weights under bf16 mixed precision; FSDP2 keeps no second copy), fp32 grads, AdamW m and
+    v. With LoRA: the frozen base as stored (bf16 under bf16 mixed precision, fp32 in fp32
+    runs, NF4 codes with --base-dtype nf4, the norms, embedding and output layer then still
+    bf16/fp32), NF4's scales, and the adapters: fp32 params, grads and AdamW m and v."""
+    trainable = sum(group.trainable for group in groups)
+    if not cfg.lora_rank:
+        return {"param_bytes": 4 * trainable, "grad_bytes": 4 * trainable, "optimizer_bytes": 8 * trainable,
+                "master_bytes": 0}
+    states = {"base_param_bytes": sum(group.frozen_bytes + group.nf4_codes for group in groups)}
+    if cfg.base_dtype == "nf4":
+        states["nf4_scale_bytes"] = sum(group.nf4_scales for group in groups)
+    states.update(adapter_param_bytes=4 * trainable, adapter_grad_bytes=4 * trainable,
+                  adapter_optimizer_bytes=8 * trainable, master_bytes=0)
+    return states
+
+
+def nf4_transient_bytes(model, shard: int, cfg: StepConfig) -> int:
+    """With --base-dtype nf4: the largest projection dequantised for its matmul (torchao's
+    linear_nf4; parallel.plan.lora.nf4_dequantize_bytes), gathered over FSDP's group."""
+    if cfg.base_dtype != "nf4":
+        return 0
+    quantized = quantized_weights(model)
+    largest = max(p.to_local().numel() for p in model.parameters() if id(p) in quantized)
+    return nf4_dequantize_bytes(largest * shard, cfg.compute_bytes)
 
 
 def communicators(dims: dict) -> int:
@@ -192,14 +236,10 @@ def memory_bytes(model, groups, shard: int, strategy, cfg: StepConfig, dims: dic
     keys and values are their own term (`cp_kv_bytes`), else they count as activations."""
     cp = dims.get("cp", 1)
     pipelined = dims.get("pp", 1) > 1
-    params = sum(numel for _, numel, _ in groups)
     unsharded_grads, reduce_scatter = fsdp_gradient_buffers(groups, shard, cfg, pipelined)
     activations, keys_values = activation_bytes(model, cfg, dims["tp"], cp, rank)
     allocated = {
-        "param_bytes": params * 4,
-        "grad_bytes": params * 4,
-        "optimizer_bytes": params * 8,
-        "master_bytes": 0,
+        **model_state_bytes(groups, cfg),
         "gathered_param_bytes": gathered_param_bytes(groups, shard, strategy, cfg, pipelined),
         "unsharded_grad_bytes": unsharded_grads,
         "reduce_scatter_bytes": reduce_scatter,
@@ -208,6 +248,8 @@ def memory_bytes(model, groups, shard: int, strategy, cfg: StepConfig, dims: dic
     if cp > 1:
         allocated["cp_kv_bytes"] = keys_values
     allocated["attention_workspace_bytes"] = attention_workspace_bytes(model, cfg, cp)
+    if cfg.base_dtype == "nf4":
+        allocated["nf4_dequantized_bytes"] = nf4_transient_bytes(model, shard, cfg)
     total = sum(allocated.values())
     outside = {
         "allocator_slack_bytes": round(ALLOCATOR_SLACK * total),

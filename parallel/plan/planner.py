@@ -19,7 +19,7 @@ from .counter import group_labels, summarize
 from .estimate import step_estimate
 from .fake_world import init_fake_world
 from .layout import Layout, check_layout, group_shards, mesh_dims, pipeline_ranks, stage_groups
-from .memory import ALLOCATOR_SLACK, GIB, format_gib, largest_micro_batch, memory_bytes
+from .memory import ALLOCATOR_SLACK, GIB, MODEL_STATE_KEYS, format_gib, largest_micro_batch, memory_bytes
 
 
 def plan_strategy(model, mesh: DeviceMesh, strategy_name: str, cfg: StepConfig, gpu_memory: Optional[float] = None,
@@ -33,7 +33,7 @@ def plan_strategy(model, mesh: DeviceMesh, strategy_name: str, cfg: StepConfig, 
     built = {name: mesh[name].size() for name in mesh.mesh_dim_names}
     dims = mesh_dims(built, layout)
     shard = built["dp_shard" if strategy.hybrid else "dp"]  # FSDP's group: dp (or dp_shard) x cp
-    groups = group_shards(model, strategy)
+    groups = group_shards(model, strategy, nf4=cfg.base_dtype == "nf4")
     ranks = pipeline_ranks(model.args.n_layers, layout)
     rank_groups = [stage_groups(groups, rank) for rank in ranks]
 
@@ -61,7 +61,8 @@ def plan_strategy(model, mesh: DeviceMesh, strategy_name: str, cfg: StepConfig, 
     result = {
         "strategy": strategy_name,
         "mesh": dims,
-        "params_per_rank": sum(numel for _, numel, _ in rank_groups[peak]),
+        "params_per_rank": sum(group.numel for group in rank_groups[peak]),
+        **({"trainable_params_per_rank": sum(group.trainable for group in rank_groups[peak])} if cfg.lora_rank else {}),
         **memories[peak],
         **fit,
         "comm": comm,
@@ -122,6 +123,7 @@ def plan(
                     mixed_precision=cfg.mixed_precision,
                     activation_checkpointing=cfg.activation_checkpointing,
                     materialize=False,
+                    lora=cfg.lora,
                 )
                 built[hybrid] = (model, mesh)
             model, mesh = built[hybrid]
@@ -155,7 +157,7 @@ def choose_tp(args: ModelArgs, world_size: int, gpus_per_node: int, gpu_memory: 
         except ValueError as err:  # this tp does not split the heads or the sequence, or no tp would
             refused = err
             continue
-        states = sum(result[k] for k in ("param_bytes", "grad_bytes", "optimizer_bytes", "master_bytes"))
+        states = sum(result.get(k, 0) for k in MODEL_STATE_KEYS)
         total = result["total_bytes"] - round(states * (1 - planned / dp_shard) * (1 + ALLOCATOR_SLACK))
         if total <= gpu_memory * GIB:
             smaller = "; " + ", ".join(f"tp {t} needs {format_gib(n)}" for t, n in needed) if needed else ""
