@@ -490,13 +490,62 @@ def test_eval_batches_cover_the_same_samples_on_any_dp_size(tmp_path, kind):
     assert union(2, 1) == union(4, 1) == union(2, 2) == reference
 
 
-def test_eval_batches_cap_at_whole_global_batches_with_a_warning(capsys):
+def rows_of(batches) -> list:
+    """Each row of the batches as a hashable (inputs, targets, document ids) tuple."""
+    return [(tuple(i.tolist()), tuple(t.tolist()), None if d is None else tuple(d.tolist()))
+            for b in batches for i, t, d in zip(b.inputs, b.targets,
+                                                b.document_ids if b.document_ids is not None else [None] * len(b.inputs))]
+
+
+@pytest.mark.parametrize("kind", ["chat", "pretraining", "pretraining without document ids"])
+def test_eval_batches_pad_a_set_smaller_than_one_global_batch_with_ignored_rows(tmp_path, kind):
+    """7 windows, global batch 8 (issue 21 item 8): every window once, on any dp size and
+    accumulation, and one padding row: inputs 0, targets all ignored, document ids 0."""
+    if kind == "chat":
+        ds = ChatDataset(chat_cache(tmp_path, [40] * 7), seq_len=63, seed=4)  # one conversation per window
+    else:
+        ds = PackedDataset(np.arange(7 * 8 + 1), seq_len=8, seed=4, document_masking=kind == "pretraining",
+                           doc_offsets=np.array([0, 20, 7 * 8 + 1]))
+    assert ds.num_samples == 7
+    windows = rows_of([ds.get_batch(0, dp_rank=0, dp_size=1, micro_batch=7)])  # epoch 0's order
+    padding = (tuple([0] * ds.seq_len), tuple([IGNORE_INDEX] * ds.seq_len),
+               None if kind == "pretraining without document ids" else tuple([0] * ds.seq_len))
+    for dp_size, grad_accum in [(1, 1), (2, 1), (4, 1), (2, 2), (4, 2), (8, 1)]:
+        micro = 8 // (dp_size * grad_accum)
+        rows = []
+        for r in range(dp_size):
+            batches = list(eval_batches(ds, 4, 8, r, dp_size, micro))
+            assert len(batches) == grad_accum and all(len(b.inputs) == micro for b in batches)
+            rows += rows_of(batches)
+        assert sorted(rows, key=repr) == sorted(windows + [padding], key=repr), f"dp {dp_size} x accum {grad_accum}"
+    last = list(eval_batches(ds, 1, 8, 1, 2, 4))[0]  # dp rank 1 of 2: samples 4-7, the last one padding
+    assert rows_of([last])[:3] == windows[4:] and rows_of([last])[3] == padding
+    assert int((last.targets != IGNORE_INDEX).sum()) == sum(ds.num_targets(s) for s in range(4, 7))
+
+
+def test_eval_batches_use_every_window_up_to_eval_batches_global_batches(capsys):
     ds = PackedDataset(np.arange(10 * 4 + 1), seq_len=4)  # 10 windows
-    batches = list(eval_batches(ds, num_batches=5, global_batch=4, dp_rank=0, dp_size=1, micro_batch=4))
-    assert len(batches) == 2 and "enough for 2 of the 5 eval batches" in capsys.readouterr().err
+
+    def evaluated(num_batches, global_batch):
+        batches = list(eval_batches(ds, num_batches, global_batch, dp_rank=0, dp_size=1, micro_batch=global_batch))
+        real = [b.targets != IGNORE_INDEX for b in batches]
+        return len(batches), int(sum(r.all(dim=1).sum() for r in real)), capsys.readouterr().err
+
+    # more windows than --eval-batches global batches: exactly the first ones, as before
+    assert evaluated(2, 4) == (2, 8, "")
+    assert evaluated(5, 2) == (5, 10, "")
+    # fewer: all 10, the last global batch padded; one warning line naming set, counts and padding
+    count, real, said = evaluated(5, 4)
+    assert (count, real) == (3, 10) and said.count("\n") == 1
+    assert "token array: validation set has 10 windows" in said and "global batch 4" in said, said
+    assert "evaluating all 10 in 3 global batches, the last padded with 2 rows the loss ignores" in said, said
+    count, real, said = evaluated(1, 12)  # fewer than one global batch: evaluated, not refused
+    assert (count, real) == (1, 10) and "padded with 2 rows" in said, said
+    count, real, said = evaluated(6, 5)  # a whole number of global batches: nothing to pad
+    assert (count, real) == (2, 10) and "in 2 global batches" in said and "padded" not in said, said
     with pytest.raises(DataError) as err:
-        list(eval_batches(ds, num_batches=1, global_batch=12, dp_rank=0, dp_size=1, micro_batch=12))
-    assert_one_line_error(err, "10 windows", "global batch of 12")
+        list(eval_batches(ds, 0, 4, dp_rank=0, dp_size=1, micro_batch=4))
+    assert_one_line_error(err, "eval batches must be >= 1")
 
 
 def test_chat_loader_state_resumes_like_the_pretraining_loader(tmp_path):

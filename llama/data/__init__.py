@@ -40,7 +40,7 @@ from llama.data.errors import DataError
 from llama.data.files import (
     JSONL_SUFFIXES, FilePart, PathLike, Sources, chunks_of_parts, default_corpus_paths, find_source_files,
     part_documents, read_parts)
-from llama.data.loader import DistributedDataLoader, eval_batches, micro_batch_size, split_documents
+from llama.data.loader import DistributedDataLoader, eval_batches, eval_windows, micro_batch_size, split_documents
 from llama.data.packed import PackedDataset
 from llama.data.progress import Progress
 from llama.data.token_cache import (
@@ -53,7 +53,7 @@ __all__ = [
     "Batch", "ChatDataset", "ConversationCache", "DATA_FORMATS", "DataError", "DistributedDataLoader", "FilePart",
     "IGNORE_INDEX", "JSONL_SUFFIXES", "PackedDataset", "PathLike", "Permutation", "Progress", "Row", "Sources",
     "TRAIN_ON", "TokenCache", "WindowDataset", "chunks_of_parts", "default_cache_dir", "default_corpus_paths",
-    "detect_data_format", "encode_conversation", "eval_batches", "file_sha256", "find_source_files",
+    "detect_data_format", "encode_conversation", "eval_batches", "eval_windows", "file_sha256", "find_source_files",
     "is_chat_data", "largest_token_id", "load_conversation_cache", "load_token_cache", "main", "map_in_order",
     "micro_batch_size", "open_built_cache", "open_conversation_cache", "open_token_cache", "pack_windows",
     "part_documents", "prepare", "read_parts", "source_stats", "split_documents", "useful_workers",

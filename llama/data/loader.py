@@ -11,7 +11,8 @@ tensor-parallel ranks of one dp group get identical batches.
 rank without a collective.
 
 Validation: `split_documents` holds out whole documents, and `eval_batches`
-yields the same fixed samples on any mesh.
+yields the same fixed samples on any mesh, the last batch padded with ignored
+rows when the set does not fill it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
-from llama.data.errors import DataError, log
+from llama.data.errors import DataError, log_on_rank0
 from llama.data.windows import Batch, WindowDataset
 
 
@@ -109,25 +110,41 @@ def split_documents(num_docs: int, fraction: float, seed: int) -> tuple[np.ndarr
     return np.sort(order[num_val:]), np.sort(order[:num_val])
 
 
+def eval_windows(num_windows: int, num_batches: int, global_batch: int) -> int:
+    """The real windows in the fixed validation set: every window of the set, up to
+    num_batches global batches."""
+    return min(num_windows, num_batches * global_batch)
+
+
 def eval_batches(dataset: WindowDataset, num_batches: int, global_batch: int, dp_rank: int,
                  dp_size: int, micro_batch: int) -> Iterator[Batch]:
     """This rank's micro-batches over a fixed set of samples: the first
-    num_batches * global_batch samples of epoch 0's order (capped at whole
-    global batches within one epoch). The set does not depend on the mesh, so
-    the summed loss over it, divided by its target count, is the same on any."""
+    `eval_windows(...)` samples of epoch 0's order, i.e. all of a set smaller than
+    num_batches global batches. A last global batch they do not fill is padded with
+    rows the loss ignores (`WindowDataset.padding_row`: no targets), so that every dp
+    rank and micro-step gets a full micro-batch, as the mesh (pp microbatches, cp and
+    sequence-parallel splits) needs. The set does not depend on the mesh, so the summed
+    loss over it, divided by its target count, is the same on any."""
     dataset.check_layout(dp_rank, dp_size, micro_batch)
     if num_batches < 1:
         raise DataError(f"eval batches must be >= 1, got {num_batches}")
-    usable = dataset.num_samples // global_batch
-    if usable == 0:
-        raise DataError(f"{dataset.name}: validation set has {dataset.num_samples} windows, fewer than one "
-                        f"global batch of {global_batch}; hold out more data or lower the batch size")
-    if usable < num_batches:
-        log(f"warning: {dataset.name}: validation set has {dataset.num_samples} windows, enough for "
-            f"{usable} of the {num_batches} eval batches of {global_batch}; evaluating on {usable}")
+    if dataset.num_samples < 1:
+        raise DataError(f"{dataset.name}: validation set has no windows; hold out more data")
     per_micro_step = micro_batch * dp_size
     if global_batch % per_micro_step:
         raise DataError(f"eval global batch {global_batch} is not a multiple of micro_batch {micro_batch} x "
                         f"dp_size {dp_size}")
-    for first in range(0, min(usable, num_batches) * global_batch, per_micro_step):
-        yield dataset.get_batch(first, dp_rank, dp_size, micro_batch)
+    real = eval_windows(dataset.num_samples, num_batches, global_batch)
+    batches = -(-real // global_batch)
+    if real < num_batches * global_batch:
+        padded = batches * global_batch - real
+        log_on_rank0(
+            f"warning: {dataset.name}: validation set has {real} windows, fewer than --eval-batches {num_batches} "
+            f"x global batch {global_batch}; evaluating all {real} in {_count(batches, 'global batch', 'es')}"
+            + (f", the last padded with {_count(padded, 'row')} the loss ignores" if padded else ""))
+    for first in range(0, batches * global_batch, per_micro_step):
+        yield dataset.get_batch(first, dp_rank, dp_size, micro_batch, stop=real)
+
+
+def _count(n: int, noun: str, plural: str = "s") -> str:
+    return f"{n} {noun}{plural if n != 1 else ''}"

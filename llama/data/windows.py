@@ -115,15 +115,27 @@ class WindowDataset(ABC):
             self._orders[epoch] = Permutation(self.num_samples, self.seed, epoch)
         return self._orders[epoch][i]
 
-    def get_batch(self, first_sample: int, dp_rank: int, dp_size: int, micro_batch: int) -> Batch:
+    def get_batch(self, first_sample: int, dp_rank: int, dp_size: int, micro_batch: int,
+                  stop: Optional[int] = None) -> Batch:
         """dp rank `dp_rank`'s slice of the micro_batch * dp_size samples starting
-        at global sample `first_sample`."""
+        at global sample `first_sample`. Samples at or past `stop` (None: no end)
+        are padding rows the loss ignores (`padding_row`), so that a set of samples
+        that does not fill the last batch still gives every rank a full micro-batch."""
         self.check_layout(dp_rank, dp_size, micro_batch)
         first = first_sample + dp_rank * micro_batch
-        return self._batch([first + j for j in range(micro_batch)])
+        return self._batch([first + j for j in range(micro_batch)], stop)
 
-    def _batch(self, samples: Sequence[int]) -> Batch:
-        rows = [self.row(self.window_index(s)) for s in samples]
+    def padding_row(self) -> Row:
+        """A row without targets: inputs 0 (a valid id in any vocabulary), targets all
+        IGNORE_INDEX, document ids all 0 (one document: a valid non-decreasing row) when
+        the dataset's rows carry document ids. The loss and its target count skip it."""
+        inputs, targets, doc_ids = self.row(0)  # the shapes, and whether rows carry ids
+        return (np.zeros_like(inputs), np.full_like(targets, IGNORE_INDEX),
+                None if doc_ids is None else np.zeros_like(doc_ids))
+
+    def _batch(self, samples: Sequence[int], stop: Optional[int] = None) -> Batch:
+        padding = self.padding_row() if stop is not None and samples[-1] >= stop else None
+        rows = [padding if stop is not None and s >= stop else self.row(self.window_index(s)) for s in samples]
         inputs, targets, doc_ids = (np.stack(column) if column[0] is not None else None
                                     for column in zip(*rows))
         return Batch(*(torch.from_numpy(a.astype(np.int64)) if a is not None else None

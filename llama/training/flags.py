@@ -36,7 +36,7 @@ def build_parser(description: str = None) -> argparse.ArgumentParser:
     a.add_argument("--val-data", nargs="*", help="held-out files or directories, read like --data (default: none)")
     a.add_argument("--val-fraction", type=float, help="hold out this fraction of the --data documents, chosen by --seed (default: none)")
     a.add_argument("--eval-every", type=int, default=50, help="steps between validation losses; also before step 1 and at the end (default: %(default)s)")
-    a.add_argument("--eval-batches", type=int, default=4, help="global batches in the fixed validation set (default: %(default)s)")
+    a.add_argument("--eval-batches", type=int, default=4, help="global batches in the fixed validation set, at most: a smaller set is evaluated whole, its last batch padded with ignored rows (default: %(default)s)")
     a = p.add_argument_group("parallelism")
     a.add_argument("--tp", type=int, help="tensor-parallel size (default: on GPUs the smallest whose plan fits the GPU's memory, "
                                           "FSDP sharding the rest, see parallel.plan.choose_tp; on CPU 2 if it divides the world)")

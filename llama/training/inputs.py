@@ -14,7 +14,7 @@ from llama.data.chat import is_chat_data
 from llama.data.chat_cache import load_conversation_cache, open_conversation_cache
 from llama.data.chat_packing import ChatDataset
 from llama.data.files import default_corpus_paths
-from llama.data.loader import DistributedDataLoader, eval_batches, split_documents
+from llama.data.loader import DistributedDataLoader, eval_batches, eval_windows, split_documents
 from llama.data.packed import PackedDataset
 from llama.data.token_cache import load_token_cache, open_token_cache
 from parallel.context import check_cp_divides, check_sequence_parallel_divides
@@ -113,7 +113,7 @@ def build_data(opts, tokenizer, mesh, global_batch: int, vocab_size: Optional[in
                 f"{100 * ds.packing_efficiency:.1f}% packing efficiency, {ds.num_truncated} conversations truncated"
             )
     if val_set is not None:
-        samples = len(validation) * loader.micro_batch * dp_size(mesh)
+        samples = eval_windows(val_set.num_samples, opts.eval_batches, global_batch)  # real: padding not counted
         summary.append(f"validation: a fixed set of {samples} windows of {val_set.name}, evaluated every {opts.eval_every} steps")
     return TrainingData(loader, validation, summary)
 
