@@ -136,7 +136,20 @@ def _train(run: Run, data: tuple) -> dict:
         norms.append(float(norm))
     final = {n: _full(p) for n, p in model.named_parameters()}
     return dict(losses=losses, norms=norms, init=init, final=final, optimizer_states=len(optimizer.state),
-                trainable=sum(p.requires_grad for p in model.parameters()))
+                trainable=sum(p.requires_grad for p in model.parameters()), compiled=_compiled_blocks(model))
+
+
+def _compiled_blocks(model) -> list:
+    """Per block, whether its forward (under any checkpoint wrapper) is torch.compile's."""
+    from parallel.fsdp import blocks
+
+    compiled = []
+    for _, block in blocks(model):
+        forward = block.forward
+        while not hasattr(forward, "_torchdynamo_orig_callable") and hasattr(forward, "__wrapped__"):
+            forward = forward.__wrapped__  # the activation-checkpointing wrapper
+        compiled.append(hasattr(forward, "_torchdynamo_orig_callable"))
+    return compiled
 
 
 def _logits(lora) -> np.ndarray:
@@ -214,7 +227,8 @@ def oracle() -> dict:
         batch = next(loader)
         logits = model(batch.inputs)
         count = int((batch.targets != -100).sum())
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100, reduction="sum") / count
+        summed = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100, reduction="sum")
+        loss = summed / count
         loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, MAX_NORM)))
         optimizer.step()
@@ -302,6 +316,12 @@ def test_three_lora_adamw_steps_equal_the_single_device_oracle(launch, one_devic
         assert moved > 100 * TOL, (factor, moved)
 
 
+def test_the_compiled_run_compiled_every_block_and_the_others_none(launch):
+    for run in RUNS:
+        compiled = launch["runs"][run.name]["compiled"]  # rank 0's blocks: one of the two under pp
+        assert len(compiled) == ARGS.n_layers // run.pp and set(compiled) == {bool(run.compile)}, run.name
+
+
 # ---------------------------------------------------------------- only adapters train
 
 
@@ -329,4 +349,5 @@ def test_under_bf16_mixed_precision_the_frozen_base_is_stored_in_bf16_and_the_ad
     assert set(adapters.values()) == {"torch.float32"}
     assert set(base.values()) == {"torch.bfloat16"}
     # and it trains: bf16 compute, the fp32 oracle's losses to bf16's precision
-    assert np.allclose(launch["bf16"]["losses"], oracle["losses"], rtol=1e-2), (launch["bf16"]["losses"], oracle["losses"])
+    bf16_losses = launch["bf16"]["losses"]
+    assert np.allclose(bf16_losses, oracle["losses"], rtol=1e-2), (bf16_losses, oracle["losses"])
