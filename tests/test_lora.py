@@ -11,6 +11,7 @@ count. fp32 tolerances: 1e-5 absolute on losses, gradient norms and every adapte
 Collective counts with LoRA are in tests/test_comm.py."""
 
 import argparse
+import contextlib
 import logging
 from dataclasses import dataclass, replace
 from typing import Union
@@ -87,6 +88,7 @@ RUNS = [
     # code generation (minutes on 2 shared cores; it passes too)
     Run("dp2xtp2-sp-compile-ac-selective", tp=2, sp=True, activation_checkpointing="selective", compile="aot_eager"),
 ]
+COUNTED_RUN = "dp2xtp2-sp"
 
 
 def _full(tensor) -> np.ndarray:
@@ -113,6 +115,7 @@ def _train(run: Run, data: tuple) -> dict:
     from parallel.fsdp import build_parallel_model
     from parallel.mesh import build_mesh, cp_mesh, dp_rank, dp_size
     from parallel.pipeline import PipelineConfig, build_pipeline
+    from parallel.plan.counter import CommCounter
     from parallel.train_utils import sum_over_batch
 
     mesh = build_mesh(run.tp, cp=run.cp, pp=run.pp, device="cpu")
@@ -128,15 +131,20 @@ def _train(run: Run, data: tuple) -> dict:
     optimizer = _optimizer(model)
     loader = DistributedDataLoader(FixedWindows(*data), global_batch=GLOBAL_BATCH, dp_rank=dp_rank(mesh),
                                    dp_size=dp_size(mesh), grad_accum=ACCUM)
-    losses, norms = [], []
-    for _ in range(STEPS):
-        loss, norm, skipped = train_step(trainee, optimizer, loader, "cpu", MAX_NORM)
+    losses, norms, comm = [], [], None
+    for step in range(STEPS):
+        # the first step's collectives per mesh dimension, counted on one plain 2-D run
+        counter = CommCounter(mesh) if step == 0 and run.name == COUNTED_RUN else contextlib.nullcontext()
+        with counter:
+            loss, norm, skipped = train_step(trainee, optimizer, loader, "cpu", MAX_NORM)
+        comm = counter.summary() if step == 0 and run.name == COUNTED_RUN else comm
         assert not skipped
         losses.append(sum_over_batch(float(loss), mesh))
         norms.append(float(norm))
     final = {n: _full(p) for n, p in model.named_parameters()}
     return dict(losses=losses, norms=norms, init=init, final=final, optimizer_states=len(optimizer.state),
-                trainable=sum(p.requires_grad for p in model.parameters()), compiled=_compiled_blocks(model))
+                trainable=sum(p.requires_grad for p in model.parameters()), compiled=_compiled_blocks(model),
+                comm=comm)
 
 
 def _compiled_blocks(model) -> list:
@@ -320,6 +328,24 @@ def test_the_compiled_run_compiled_every_block_and_the_others_none(launch):
     for run in RUNS:
         compiled = launch["runs"][run.name]["compiled"]  # rank 0's blocks: one of the two under pp
         assert len(compiled) == ARGS.n_layers // run.pp and set(compiled) == {bool(run.compile)}, run.name
+
+
+def test_fsdp_reduce_scatters_only_the_adapters_gradients(launch):
+    """On dp 2 x tp 2 each backward reduce-scatters, per block, the gradients of that
+    block's adapters as this tp rank holds them (fp32), and nothing of the frozen base: the
+    groups without adapters (embedding, final norm and head) send no reduce-scatter."""
+    comm = launch["runs"][COUNTED_RUN]["comm"]
+    column, row = ("wq", "wk", "wv", "w1", "w3"), ("wo", "w2")
+    local = 0  # adapter elements a tp rank holds: B split in column layers, A split in row layers
+    for name, param in _oracle_model().named_parameters():
+        layer = name.rsplit(".", 2)[-2]
+        if is_adapter(name):
+            split = (name.endswith("lora_b") and layer in column) or (name.endswith("lora_a") and layer in row)
+            local += param.numel() // (2 if split else 1)
+    assert comm["dp"]["reduce_scatter"] == {"calls": ACCUM * ARGS.n_layers, "bytes": ACCUM * 4 * local,
+                                            "wire_bytes": ACCUM * 4 * local // 2}
+    # and the one all-reduce of sum_adapter_gradients among the tp collectives
+    assert comm["tp"]["all_reduce"]["calls"] == 1
 
 
 # ---------------------------------------------------------------- only adapters train
