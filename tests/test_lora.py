@@ -73,12 +73,14 @@ class Run:
     pp: int = 1
     cp: int = 1
     sp: bool = False
+    dp_replicate: int = 1  # > 1: HSDP (--strategy hybrid), parameters replicated over dp_replicate
     activation_checkpointing: str = "none"
     compile: Union[bool, str] = False
 
 
 RUNS = [
     Run("dp2xtp2-sp", tp=2, sp=True),
+    Run("hsdp2xtp2-sp", tp=2, sp=True, dp_replicate=2),
     Run("tp4", tp=4),  # tp 4 > 2 kv heads: wk/wv (and their B) replicated, each rank using its rows
     Run("pp2xtp2-sp", tp=2, pp=2, sp=True),
     Run("pp2xdp2", tp=1, pp=2),
@@ -118,9 +120,10 @@ def _train(run: Run, data: tuple) -> dict:
     from parallel.plan.counter import CommCounter
     from parallel.train_utils import sum_over_batch
 
-    mesh = build_mesh(run.tp, cp=run.cp, pp=run.pp, device="cpu")
-    options = dict(sequence_parallel=run.sp, activation_checkpointing=run.activation_checkpointing,
-                   compile=run.compile, seed=SEED, lora=LORA)
+    hybrid = run.dp_replicate > 1
+    mesh = build_mesh(run.tp, dp_replicate=run.dp_replicate, hybrid=hybrid, cp=run.cp, pp=run.pp, device="cpu")
+    options = dict(strategy="hybrid" if hybrid else "full", sequence_parallel=run.sp, compile=run.compile,
+                   activation_checkpointing=run.activation_checkpointing, seed=SEED, lora=LORA)
     if run.pp > 1:
         pipeline = build_pipeline(ARGS, mesh, PipelineConfig(microbatches=2), **options)
         trainee = Trainee(pipeline.model, pipeline=pipeline)
