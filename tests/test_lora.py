@@ -77,12 +77,19 @@ class Run:
     dp_replicate: int = 1  # > 1: HSDP (--strategy hybrid), parameters replicated over dp_replicate
     activation_checkpointing: str = "none"
     compile: Union[bool, str] = False
+    n_kv_heads: int = ARGS.n_kv_heads
+
+    @property
+    def args(self) -> ModelArgs:
+        return replace(ARGS, n_kv_heads=self.n_kv_heads)
 
 
 RUNS = [
     Run("dp2xtp2-sp", tp=2, sp=True),
     Run("hsdp2xtp2-sp", tp=2, sp=True, dp_replicate=2),
     Run("tp4", tp=4),  # tp 4 > 2 kv heads: wk/wv (and their B) replicated, each rank using its rows
+    # tp 2 > 1 kv head: the replicated B's shares summed over tp after FSDP cut them over dp
+    Run("dp2xtp2-1kv", tp=2, n_kv_heads=1),
     Run("pp2xtp2-sp", tp=2, pp=2, sp=True),
     Run("pp2xdp2", tp=1, pp=2),
     Run("cp2xtp2-sp", tp=2, cp=2, sp=True),
@@ -126,10 +133,10 @@ def _train(run: Run, data: tuple) -> dict:
     options = dict(strategy="hybrid" if hybrid else "full", sequence_parallel=run.sp, compile=run.compile,
                    activation_checkpointing=run.activation_checkpointing, seed=SEED, lora=LORA)
     if run.pp > 1:
-        pipeline = build_pipeline(ARGS, mesh, PipelineConfig(microbatches=2), **options)
+        pipeline = build_pipeline(run.args, mesh, PipelineConfig(microbatches=2), **options)
         trainee = Trainee(pipeline.model, pipeline=pipeline)
     else:
-        trainee = Trainee(build_parallel_model(ARGS, mesh, **options), cp=cp_mesh(mesh))
+        trainee = Trainee(build_parallel_model(run.args, mesh, **options), cp=cp_mesh(mesh))
     model = trainee.model
     init = {n: _full(p) for n, p in model.named_parameters()}
     optimizer = _optimizer(model)
@@ -218,18 +225,22 @@ def launch():
 # ---------------------------------------------------------------- the single-device oracle
 
 
-def _oracle_model() -> Transformer:
-    model = Transformer(ARGS)
+def _oracle_model(args: ModelArgs = ARGS) -> Transformer:
+    model = Transformer(args)
     add_adapters(model, LORA)
     return model.init_weights(SEED)
 
 
 @pytest.fixture(scope="module")
 def oracle() -> dict:
-    """Three steps on one device, written with torch alone around the model: the global
-    batch's summed token cross-entropy over its target count, torch's clipping and AdamW on
-    the parameters that require gradients."""
-    model = _oracle_model()
+    """n_kv_heads -> three steps on one device, written with torch alone around the model:
+    the global batch's summed token cross-entropy over its target count, torch's clipping
+    and AdamW on the parameters that require gradients."""
+    return {n: _oracle_run(replace(ARGS, n_kv_heads=n)) for n in sorted({r.n_kv_heads for r in RUNS})}
+
+
+def _oracle_run(args: ModelArgs) -> dict:
+    model = _oracle_model(args)
     init = {n: _full(p) for n, p in model.named_parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LR, betas=(0.9, 0.95), eps=EPS, weight_decay=WEIGHT_DECAY)
@@ -276,6 +287,10 @@ def _results(launch, one_device, name) -> dict:
     return one_device if name == "1 device" else launch["runs"][name]
 
 
+def _kv_heads(name: str) -> int:
+    return next((r.n_kv_heads for r in RUNS if r.name == name), ARGS.n_kv_heads)
+
+
 RESULT_NAMES = ["1 device"] + [r.name for r in RUNS]
 
 
@@ -313,7 +328,7 @@ def test_an_adapted_layer_computes_its_weight_plus_the_scaled_low_rank_update():
 
 @pytest.mark.parametrize("name", RESULT_NAMES)
 def test_three_lora_adamw_steps_equal_the_single_device_oracle(launch, one_device, oracle, name):
-    got = _results(launch, one_device, name)
+    got, oracle = _results(launch, one_device, name), oracle[_kv_heads(name)]
     assert np.allclose(got["losses"], oracle["losses"], rtol=0, atol=TOL), (got["losses"], oracle["losses"])
     assert np.allclose(got["norms"], oracle["norms"], rtol=0, atol=TOL), (got["norms"], oracle["norms"])
     assert all(n > MAX_NORM for n in oracle["norms"]), "clipping must be active"
@@ -372,6 +387,7 @@ def test_only_adapters_change_and_only_they_have_optimizer_state(launch, one_dev
 
 
 def test_under_bf16_mixed_precision_the_frozen_base_is_stored_in_bf16_and_the_adapters_in_fp32(launch, oracle):
+    oracle = oracle[ARGS.n_kv_heads]
     dtypes = launch["bf16"]["dtypes"]
     adapters = {n: d for n, d in dtypes.items() if is_adapter(n)}
     base = {n: d for n, d in dtypes.items() if not is_adapter(n)}
