@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from llama import ModelArgs, Transformer
-from parallel.layers import reduce_partial_gradients, vocab_parallel_cross_entropy
+from llama.lora import TARGETS, LoRAConfig, add_adapters
+from parallel.layers import reduce_partial_gradients, sum_adapter_gradients, vocab_parallel_cross_entropy
 from parallel.spawn import run_on_ranks
 from tests.test_model import batch, tp_mesh
 
@@ -32,12 +33,17 @@ def counts_by_op(comm) -> dict:
     return counts
 
 
-def _count_collectives(n_layers: int, sequence_parallel: bool) -> dict:
+LORA = LoRAConfig(rank=4)  # adapters on all seven projections
+
+
+def _count_collectives(n_layers: int, sequence_parallel: bool, lora: bool = False) -> dict:
     from torch.distributed.tensor.debug import CommDebugMode
 
     args = ModelArgs(**{**ARGS.to_dict(), "n_layers": n_layers})
     with torch.device("meta"):
         model = Transformer(args, tp_mesh(), sequence_parallel=sequence_parallel)
+        if lora:
+            add_adapters(model, LORA)
     model.init_weights(seed=0)
     tokens, targets = batch(args)
     with CommDebugMode() as comm:
@@ -79,9 +85,31 @@ RECOMPUTED_ARGS = ModelArgs(**{**ARGS.to_dict(), "n_layers": 2})
 RECOMPUTED = {"tp": ("tp", False), "tp+sp": ("tp", True), "cp": ("cp", False)}  # case: mesh dim, sequence parallel
 
 
+def _adapter_gradient_sums(tp: bool) -> tuple:
+    """(gradients summed, collectives per op) of sum_adapter_gradients after one forward +
+    backward of a 2-block LoRA model, on the tp mesh of both ranks or on no mesh (tp 1)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    with torch.device("meta"):
+        model = Transformer(RECOMPUTED_ARGS, tp_mesh() if tp else None, sequence_parallel=tp)
+        add_adapters(model, LORA)
+    model.init_weights(seed=0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_b"):
+                param.fill_(0.01)  # B nonzero, so that A gets a gradient
+    tokens, targets = batch(RECOMPUTED_ARGS)
+    vocab_parallel_cross_entropy(model(tokens), targets).backward()
+    with CommDebugMode() as comm:
+        summed = sum_adapter_gradients(model)
+    return summed, counts_by_op(comm)
+
+
 def _count_on_two_ranks() -> dict:
     return {
         "megatron": {(layers, sp): _count_collectives(layers, sp) for layers in (1, 2) for sp in (False, True)},
+        "lora": {(layers, sp): _count_collectives(layers, sp, lora=True) for layers in (1, 2) for sp in (False, True)},
+        "adapter sums": {tp: _adapter_gradient_sums(tp) for tp in (False, True)},
         "recomputed": {(case, mode): _recomputed_step(*how, mode) for case, how in RECOMPUTED.items()
                        for mode in ("none", "full")},
     }
@@ -111,6 +139,37 @@ def test_collectives_per_step_are_the_megatron_minimum_at_tp2(counted):
     assert two == {"reduce_scatter_tensor": 10, "all_gather_into_tensor": 11, "all_reduce": 5}
     per_block = {k: two[k] - one.get(k, 0) for k in two}
     assert per_block == {"reduce_scatter_tensor": 4, "all_gather_into_tensor": 4, "all_reduce": 2}
+
+
+@pytest.mark.compat
+def test_lora_on_all_seven_projections_keeps_the_megatron_minimum_per_block_at_tp2(counted):
+    """The adapters' products join their layer's own collectives (parallel/layers.py), so a
+    block sends what it sends without them: 4 all-reduces, or with sequence parallelism 4
+    reduce-scatters and 4 all-gathers. With the base frozen there is less, never more: no
+    norm-weight all-reduces (frozen norms have no gradient), and backward stops at the
+    first block's region input (nothing below it trains), so the first block's input
+    gradient and the embedding's exit send nothing in backward."""
+    assert LORA.targets == TARGETS and len(TARGETS) == 7
+    base, lora = counted["megatron"], counted["lora"]
+    assert lora[(1, False)] == {"all_reduce": 6 - 1, "all_gather_into_tensor": 1}
+    assert lora[(2, False)] == {"all_reduce": 10 - 1, "all_gather_into_tensor": 1}
+    assert lora[(1, True)] == {"reduce_scatter_tensor": 6 - 1, "all_gather_into_tensor": 7 - 1}
+    assert lora[(2, True)] == {"reduce_scatter_tensor": 10 - 1, "all_gather_into_tensor": 11 - 1}
+    for sp in (False, True):
+        per_block = {k: lora[(2, sp)][k] - lora[(1, sp)].get(k, 0) for k in lora[(2, sp)]}
+        base_per_block = {k: base[(2, sp)][k] - base[(1, sp)].get(k, 0) for k in base[(2, sp)]}
+        assert per_block == {k: n for k, n in base_per_block.items() if k != "all_reduce" or not sp}, sp
+    assert {k: lora[(2, True)][k] - lora[(1, True)][k] for k in lora[(2, True)]} == {
+        "reduce_scatter_tensor": 4, "all_gather_into_tensor": 4}
+
+
+def test_adapter_gradients_are_summed_over_tp_by_one_all_reduce_per_step(counted):
+    """sum_adapter_gradients (train_step calls it once a step) sums every replicated
+    factor's tp shares, 7 per block (A of wq, wk, wv, w1, w3; B of wo, w2), in one
+    all-reduce at tp 2; without tp it has nothing to sum and sends nothing."""
+    summed, comm = counted["adapter sums"][True]
+    assert (summed, comm) == (7 * RECOMPUTED_ARGS.n_layers, {"all_reduce": 1})
+    assert counted["adapter sums"][False] == (0, {})
 
 
 # ---------------------------------------------------------------- recomputed blocks

@@ -248,3 +248,53 @@ def test_help_gives_every_flag_a_line_with_its_default(capsys):
     assert {"--seq-len", "--activation-checkpointing", "--seed", "--log-every", "--train-on", "--val-fraction"} <= entries.keys()
     for flag, entry in entries.items():
         assert flag == "-h" or "(default" in entry, entry
+
+
+# ---------------------------------------------------------------- LoRA
+
+LORA_FLAGS = ["--lora-rank", "4", "--lora-alpha", "16", "--lora-targets", "wq,wv,wo,w2", "--lora-rslora"]
+
+
+def test_lora_run_on_tp2_lowers_the_loss_and_keeps_the_converted_base(converted, data, tmp_path):
+    """2 ranks, tp 2, adapters on four projections: the loss falls, the checkpoint's base
+    is the converted base bit for bit, its adapters are exactly those the flags name (B
+    moved from zero), and the written config.toml gives back the same LoRA flags."""
+    from llama.lora import LoRAConfig
+    from llama.training.flags import parse_args
+
+    check(torchrun("--checkpoint", converted, "--data", data, "--save-dir", tmp_path, "--tp", 2, "--steps", 6,
+                   *RUN[:-2], "--lr", "1e-2", *LORA_FLAGS, nproc=2))
+    losses = [r["loss"] for r in metrics(tmp_path)]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.05, losses
+    trained, base = final_weights(tmp_path), load_model(converted).state_dict()
+    adapters = {k for k in trained if k.endswith((".lora_a", ".lora_b"))}
+    assert adapters == {f"layers.{i}.{m}.{p}.lora_{f}" for i in range(TINY.n_layers) for m, p in
+                        [("attention", "wq"), ("attention", "wv"), ("attention", "wo"), ("feed_forward", "w2")]
+                        for f in "ab"}
+    assert set(trained) - adapters == NAMES
+    assert all(torch.equal(trained[k], base[k]) for k in NAMES), "the frozen base changed"
+    assert all(trained[k].abs().max() > 1e-3 for k in adapters if k.endswith("lora_b")), "B did not move from zero"
+
+    config = tmp_path / "config.toml"
+    written = tomllib.loads(config.read_text())
+    assert {k: written[k] for k in written if k.startswith("lora-")} == {
+        "lora-rank": 4, "lora-alpha": 16.0, "lora-dropout": 0.0, "lora-targets": "wq,wv,wo,w2", "lora-rslora": True}
+    assert LoRAConfig.from_options(parse_args(["--config", str(config)])) == LoRAConfig(
+        4, 16.0, 0.0, ("wq", "wv", "wo", "w2"), rslora=True)
+
+
+def test_lora_flags_are_in_help_and_a_bad_target_is_one_error_line_and_exit_code_2(capsys, tmp_path):
+    from llama.training.flags import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--lora-rank", "--lora-alpha", "--lora-dropout", "--lora-targets", "--lora-rslora"):
+        assert flag in text, flag
+    # refused while parsing, before any process group: plain python, no torchrun
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--lora-rank", "4", "--lora-targets", "wx"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("train.py: error: --lora-targets wx"), result.stderr
+    assert "wq,wk,wv,wo,w1,w2,w3" in errors[0]
