@@ -40,6 +40,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from llama.config import ModelArgs
 from llama.lora import LoRAConfig, add_adapters, init_adapters_, store_frozen_as
+from llama.qlora import BASE_DTYPES, check_nf4_shapes, nf4_ignored_params, quantize_base_nf4_, require_torchao
 from llama.model import Transformer
 
 from .mesh import cp_mesh, dp_cp_mesh, is_hybrid, local_device, tp_mesh
@@ -216,16 +217,27 @@ def apply_fsdp(
     strategy: Strategy,
     mp_policy: MixedPrecisionPolicy = MixedPrecisionPolicy(),
     offload_policy: OffloadPolicy = OffloadPolicy(),
+    ignored_params: Optional[set] = None,
 ) -> None:
+    """ignored_params: parameters FSDP leaves unsharded and ungathered (QLoRA's NF4 base)."""
     dp = fsdp_mesh(mesh, strategy)
     for _, modules, reshard in fsdp_groups(model, strategy):
-        fully_shard(modules, mesh=dp, reshard_after_forward=reshard, mp_policy=mp_policy, offload_policy=offload_policy)
+        fully_shard(modules, mesh=dp, reshard_after_forward=reshard, mp_policy=mp_policy, offload_policy=offload_policy,
+                    ignored_params=ignored_params)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             # Sum over dp instead of averaging (see the module docstring). Forcing a plain
             # SUM keeps gloo working (it has no PREMUL_SUM / AVG reduce-scatter).
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
+
+
+def check_base_dtype(base_dtype: str, lora: Optional[LoRAConfig]) -> None:
+    if base_dtype not in BASE_DTYPES:
+        raise ValueError(f"--base-dtype {base_dtype}: choose one of {', '.join(BASE_DTYPES)}, or leave it out")
+    if lora is None:
+        raise ValueError(f"--base-dtype {base_dtype} stores a frozen base: it needs --lora-rank R (QLoRA)")
+    require_torchao()
 
 
 def _materialize_device(mesh: DeviceMesh, cpu_offload: bool) -> torch.device:
@@ -247,6 +259,7 @@ def build_parallel_model(
     init: bool = True,
     make_model=None,
     lora: Optional[LoRAConfig] = None,
+    base_dtype: Optional[str] = None,
 ) -> Transformer:
     """The 2-D parallel model on `mesh` (from `parallel.mesh.build_mesh`).
 
@@ -261,12 +274,17 @@ def build_parallel_model(
     lora: LoRA adapters on the projections (llama/lora.py); the base is frozen, and stored
     in bf16 under bf16 mixed precision (nothing updates it, so it needs no fp32 master).
     A base read from `source` gets freshly drawn adapters (B = 0).
+    base_dtype="nf4" (QLoRA, with lora): the seven projections' weights are kept out of
+    FSDP, and each rank quantises its tp shard of them to NF4 once it is read or drawn
+    (llama/qlora.py); the rest of the base is stored as above.
 
     Gradients are sums over dp ranks; normalise the loss by the global token count."""
     plan = get_strategy(strategy)
     mp_policy = mixed_precision_policy(mixed_precision)
     check_activation_checkpointing(activation_checkpointing)
     fsdp_mesh(mesh, plan)  # checks the mesh before anything is built
+    if base_dtype is not None:
+        check_base_dtype(base_dtype, lora)
     path = None
     if isinstance(source, ModelArgs):
         args = source
@@ -281,13 +299,17 @@ def build_parallel_model(
             add_adapters(model, lora)
             if mp_policy.param_dtype is not None:
                 store_frozen_as(model, mp_policy.param_dtype)
+    ignored = None
+    if base_dtype == "nf4":
+        check_nf4_shapes(model)  # on meta: before anything is allocated
+        ignored = nf4_ignored_params(model)
     if compile:
         apply_compile(model, "inductor" if compile is True else compile)
     # after compile: checkpoint runs eagerly around the compiled block (traced inside a
     # graph, the checkpoint would have to save the tp layers' DeviceMesh, which it cannot)
     apply_activation_checkpointing(model, activation_checkpointing, compiled=bool(compile))
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
-    apply_fsdp(model, mesh, plan, mp_policy, offload)
+    apply_fsdp(model, mesh, plan, mp_policy, offload, ignored_params=ignored)
     if not materialize:
         return model
 
@@ -302,4 +324,6 @@ def build_parallel_model(
 
         load_weights_(model, path)
         init_adapters_(model, seed)
+    if base_dtype == "nf4":
+        quantize_base_nf4_(model)
     return model

@@ -278,6 +278,15 @@ class LoRA:
     dropout: float = 0.0
 
 
+def _nf4_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x W^T with W a frozen NF4 shard (QLoRA, llama/qlora.py): torchao's linear_nf4
+    dequantises W to x's dtype for the matmul, and again in backward, saving only the NF4
+    codes. torchao is optional; a layer only holds an NF4 weight once it is imported."""
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+
+    return linear_nf4(x, weight)
+
+
 def _lora_input(x: torch.Tensor, lora: LoRA, training: bool) -> torch.Tensor:
     return F.dropout(x, lora.dropout, training) if lora.dropout else x
 
@@ -300,6 +309,7 @@ class ColumnParallelLinear(nn.Module):
             raise ValueError(f"ColumnParallelLinear: tp size {tp_size(tp_mesh)} must divide out_features {out_features}")
         self.weight = sharded_parameter((out_features, in_features), tp_mesh, placement)
         self.lora: Optional[LoRA] = None
+        self.nf4 = False  # weight: this rank's rows as a plain NF4Tensor (llama/qlora.py)
 
     def add_lora(self, lora: LoRA) -> None:
         out_features, in_features = self.weight.shape
@@ -309,7 +319,9 @@ class ColumnParallelLinear(nn.Module):
         self.lora_b = sharded_parameter((out_features, lora.rank), self.tp_mesh, rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.replicated_rows is None:
+        if self.nf4:  # quantised from this rank's rows only (its replicated_rows too)
+            y = _nf4_linear(x, self.weight)
+        elif self.replicated_rows is None:
             y = F.linear(x, local_tensor(self.weight))
         else:
             start, stop = self.replicated_rows
@@ -341,6 +353,7 @@ class RowParallelLinear(nn.Module):
         self.sequence_parallel = sequence_parallel
         self.weight = sharded_parameter((out_features, in_features), tp_mesh, Shard(1))
         self.lora: Optional[LoRA] = None
+        self.nf4 = False  # weight: this rank's columns as a plain NF4Tensor (llama/qlora.py)
 
     def add_lora(self, lora: LoRA) -> None:
         out_features, in_features = self.weight.shape
@@ -349,7 +362,7 @@ class RowParallelLinear(nn.Module):
         self.lora_b = sharded_parameter((out_features, lora.rank), self.tp_mesh, Replicate())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, local_tensor(self.weight))
+        y = _nf4_linear(x, self.weight) if self.nf4 else F.linear(x, local_tensor(self.weight))
         if self.lora is not None:
             partial = F.linear(_lora_input(x, self.lora, self.training), local_tensor(self.lora_a))
             y = y + self.lora.scale * F.linear(partial, local_tensor(self.lora_b))

@@ -90,6 +90,7 @@ def build_trainee(source, mesh, opts, init: bool) -> Trainee:
         seed=opts.seed,
         init=init or lora is not None,
         lora=lora,
+        base_dtype=getattr(opts, "base_dtype", None),
     )
     if pp_mesh(mesh) is None:
         return Trainee(build_parallel_model(source, mesh, **options), cp=cp_mesh(mesh))

@@ -6,6 +6,7 @@ import argparse
 from llama.data.chat import DATA_FORMATS, TRAIN_ON
 from llama.config import PRESETS
 from llama.lora import TARGETS as LORA_TARGETS, LoRAConfig
+from llama.qlora import BASE_DTYPES
 from parallel.fsdp import STRATEGIES
 from parallel.pipeline import add_pipeline_arguments
 
@@ -64,6 +65,10 @@ def build_parser(description: str = None) -> argparse.ArgumentParser:
     a.add_argument("--lora-targets", default=",".join(LORA_TARGETS),
                    help="projections that get an adapter, Meta's names (default: %(default)s)")
     a.add_argument("--lora-rslora", action="store_true", help="scale by alpha / sqrt(r) (rank-stabilised LoRA) (default: off)")
+    a.add_argument("--base-dtype", choices=BASE_DTYPES,
+                   help="with --lora-rank, the frozen base's storage: nf4 (QLoRA: the seven projections' weights 4-bit "
+                        "NormalFloat, double quantised, each rank quantising its tp shard; needs pip install -e '.[qlora]') "
+                        "(default: as --dtype stores it)")
     a = p.add_argument_group("batch")
     a.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: %(default)s)")
     a.add_argument("--micro-batch", type=int, default=4,
@@ -117,6 +122,8 @@ def parse_args(argv=None, description: str = None) -> argparse.Namespace:
         LoRAConfig.from_options(opts)
     except ValueError as e:
         parser.error(str(e))
+    if opts.base_dtype is not None and not opts.lora_rank:
+        parser.error(f"--base-dtype {opts.base_dtype} stores a frozen base: it needs --lora-rank R (QLoRA)")
     if opts.val_data and opts.val_fraction:
         parser.error("--val-data and --val-fraction both choose the validation set; give one")
     return opts
