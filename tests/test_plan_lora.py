@@ -59,19 +59,23 @@ def test_qlora_stores_the_seven_projections_as_nf4_and_norms_embedding_output_in
     assert p["nf4_dequantized_bytes"] == (8 + 3 * 2) * F * D
 
 
-def test_fsdp_gathers_the_frozen_base_as_stored_nf4_as_nf4_and_reduces_only_the_adapters():
-    """dp 2, tp 1, bf16: a block's all-gather moves its bf16 base (or NF4 codes and scales)
-    and its adapters cast to bf16; its reduce-scatter moves only the adapters' fp32
-    gradients; the embedding's and the head's groups, with nothing to train, reduce nothing."""
+def test_fsdp_gathers_the_frozen_base_as_stored_no_nf4_and_reduces_only_the_adapters():
+    """dp 2, tp 1, bf16: a block's all-gather moves its bf16 base (with NF4: only its bf16
+    norms, as FSDP ignores the NF4 weights, each rank holding them whole) and its adapters
+    cast to bf16; its reduce-scatter moves only the adapters' fp32 gradients; the
+    embedding's and the head's groups, with nothing to train, reduce nothing."""
     lora = plan(ARGS, 2, tp=1, cfg=BF16_LORA, strategies=["grad_op"])["grad_op"]
     assert lora["comm"]["dp"]["all_gather"]["bytes"] == 2 * (L * (BLOCK + ADAPTERS) + EMBED + HEAD)
     assert lora["comm"]["dp"]["reduce_scatter"] == {"calls": L, "bytes": 4 * L * ADAPTERS, "wire_bytes": 2 * L * ADAPTERS}
     assert lora["unsharded_grad_bytes"] == 2 * ADAPTERS and lora["reduce_scatter_bytes"] == 4 * ADAPTERS
     nf4 = plan(ARGS, 2, tp=1, cfg=replace(BF16_LORA, base_dtype="nf4"), strategies=["grad_op"])["grad_op"]
-    block_nf4 = sum(nf4_bytes((out // 2) * in_, 2) for out, in_ in PROJECTIONS.values())  # each rank's half
-    block = 2 * (block_nf4 + 2 * 2 * D // 2 + 2 * ADAPTERS // 2)  # NF4, bf16 norms, bf16 adapters; x 2 ranks
+    block = 2 * (2 * 2 * D // 2 + 2 * ADAPTERS // 2)  # bf16 norms, bf16 adapters; x 2 ranks; no NF4
     assert nf4["comm"]["dp"]["all_gather"]["bytes"] == L * block + 2 * (EMBED + HEAD)
     assert nf4["gathered_param_bytes"] == nf4["comm"]["dp"]["all_gather"]["bytes"]  # grad_op: all gathered
+    # the NF4 base is not dp-sharded: each of the 2 ranks holds every projection whole at tp 1
+    whole = sum(nf4_bytes(out * in_, 2) for out, in_ in PROJECTIONS.values())
+    assert nf4["nf4_scale_bytes"] == L * sum(nf4_scale_bytes(out * in_, 2) for out, in_ in PROJECTIONS.values())
+    assert nf4["nf4_scale_bytes"] + L * sum(out * in_ // 2 for out, in_ in PROJECTIONS.values()) == L * whole
 
 
 def test_tp_adds_one_adapter_gradient_all_reduce_per_step_and_drops_the_frozen_norms_and_kv():

@@ -162,7 +162,7 @@ class GroupShard(NamedTuple):
     collectives move). Without LoRA every parameter trains: trainable == numel."""
 
     name: str
-    numel: int  # elements of this rank's shards of the group's parameters
+    numel: int  # elements of this rank's shards of the group's parameters FSDP shards (not NF4)
     reshard: bool  # reshard_after_forward
     trainable: int = 0  # of them, those that train (all, or the adapters): gradients, AdamW state
     frozen_bytes: int = 0  # the frozen base's shards as stored (bf16 / fp32), NF4 ones excluded
@@ -171,14 +171,15 @@ class GroupShard(NamedTuple):
 
     def gathered_bytes(self, shard: int, compute_bytes: int) -> int:
         """The group unsharded: what trains cast to the compute dtype, the frozen base in its
-        storage dtype (the compute dtype too: build_parallel_model stores it so), NF4
-        weights as NF4 (torchao's FSDP2 hooks gather the codes and the scales)."""
-        return shard * (self.trainable * compute_bytes + self.frozen_bytes + self.nf4_codes + self.nf4_scales)
+        storage dtype (the compute dtype too: build_parallel_model stores it so). NF4
+        weights are not gathered: FSDP ignores them, each rank holds its whole tp shard."""
+        return shard * (self.trainable * compute_bytes + self.frozen_bytes)
 
 
 def group_shards(model, strategy, nf4: bool = False) -> list:
     """A GroupShard per FSDP group. `nf4`: the projections' frozen weights are planned as
-    NF4, each rank's shard quantised on its own, from the dtype they are stored in."""
+    NF4, each rank's tp shard quantised on its own (not cut by dp), from the dtype they
+    are stored in."""
     claimed: set = set()
     quantized = quantized_weights(model) if nf4 else set()
     groups = []
@@ -186,12 +187,13 @@ def group_shards(model, strategy, nf4: bool = False) -> list:
         numel = trainable = frozen = codes = scales = 0
         for param in _own_params(modules, claimed):
             local = param.to_local()
+            if id(param) in quantized:  # FSDP ignores it: the rank's whole tp shard, as NF4
+                codes += nf4_code_bytes(quantized[id(param)])
+                scales += nf4_scale_bytes(quantized[id(param)], local.element_size())
+                continue
             numel += local.numel()
             if param.requires_grad:
                 trainable += local.numel()
-            elif id(param) in quantized:
-                codes += nf4_code_bytes(local.numel())
-                scales += nf4_scale_bytes(local.numel(), local.element_size())
             else:
                 frozen += local.numel() * local.element_size()
         if numel:

@@ -14,11 +14,13 @@ So 0.5 + 1/64 + e/16384 bytes per weight (e = 4 from fp32, as the QLoRA paper ke
 second-level constants; torchao keeps them in the weight's own dtype, e = 2 from bf16).
 Only the seven projections' weights are quantised (TARGETS, whether or not they carry an
 adapter); norms, the embedding and the output layer stay in the base's storage dtype.
-Each rank quantises its own (tp x dp) shard, so the constants count once per shard."""
+Each rank quantises its own tp shard (llama/qlora.py) and FSDP leaves the NF4 weights
+alone (ignored_params: neither dp-sharded nor gathered), so a rank holds 1/tp of each
+projection in NF4 whatever dp is, and the constants count once per tp shard."""
 
 from llama.lora import TARGETS
 
-from ..layers import ColumnParallelLinear, RowParallelLinear, adapter_gradient_shares
+from ..layers import ColumnParallelLinear, RowParallelLinear, adapter_gradient_shares, tp_size
 
 NF4_BLOCK = 64  # weights per int8 block scale
 NF4_SCALER_BLOCK = 256  # block scales per second-level quantization factor
@@ -41,14 +43,27 @@ def nf4_bytes(numel: int, dtype_bytes: int) -> int:
     return nf4_code_bytes(numel) + nf4_scale_bytes(numel, dtype_bytes)
 
 
-def quantized_weights(model) -> set:
-    """ids of the parameters --base-dtype nf4 stores as NF4: the frozen weights of the
-    seven projections (wq, wk, wv, wo, w1, w2, w3)."""
-    ids = set()
+def nf4_shard_numel(layer) -> int:
+    """Weights of a projection that a rank quantises: its tp shard (rows of a column-parallel
+    layer, its replicated_rows where kv heads are shared; columns of a row-parallel one),
+    not cut by dp (llama/qlora.py)."""
+    out_features, in_features = layer.weight.shape
+    tp = tp_size(layer.tp_mesh)
+    if isinstance(layer, RowParallelLinear):
+        return out_features * (in_features // tp)
+    if layer.replicated_rows is not None:
+        return (layer.replicated_rows[1] - layer.replicated_rows[0]) * in_features
+    return (out_features // tp) * in_features
+
+
+def quantized_weights(model) -> dict:
+    """id -> the rank's NF4 weights (nf4_shard_numel) of each parameter --base-dtype nf4
+    stores as NF4: the frozen weights of the seven projections (wq, wk, wv, wo, w1, w2, w3)."""
+    ids = {}
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] in TARGETS and isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
             if not module.weight.requires_grad:
-                ids.add(id(module.weight))
+                ids[id(module.weight)] = nf4_shard_numel(module)
     return ids
 
 

@@ -151,8 +151,8 @@ def gathered_param_bytes(groups, shard: int, strategy, cfg: StepConfig, pipeline
     blocks (the one computing and the one being prefetched); without, the whole tp shard of
     the model at the end of forward. Under a pipeline every group of the stage stays
     gathered from its first backward to the end of the step (see fsdp_collectives). A
-    group gathers in the compute dtype, a LoRA run's frozen base in its storage dtype and
-    NF4 weights as NF4 (GroupShard.gathered_bytes)."""
+    group gathers in the compute dtype, a LoRA run's frozen base in its storage dtype, and
+    no NF4 weights (GroupShard.gathered_bytes)."""
     sizes = [(group.gathered_bytes(shard, cfg.compute_bytes), group.reshard) for group in groups]
     if pipelined or not strategy.reshard_after_forward:
         return sum(size for size, _ in sizes)
@@ -204,13 +204,12 @@ def model_state_bytes(groups, cfg: StepConfig) -> dict:
 
 
 def nf4_transient_bytes(model, shard: int, cfg: StepConfig) -> int:
-    """With --base-dtype nf4: the largest projection dequantised for its matmul (torchao's
-    linear_nf4; parallel.plan.lora.nf4_dequantize_bytes), gathered over FSDP's group."""
+    """With --base-dtype nf4: the largest projection's tp shard dequantised for its matmul
+    (torchao's linear_nf4; parallel.plan.lora.nf4_dequantize_bytes); FSDP does not gather
+    NF4 weights, so dp does not enter."""
     if cfg.base_dtype != "nf4":
         return 0
-    quantized = quantized_weights(model)
-    largest = max(p.to_local().numel() for p in model.parameters() if id(p) in quantized)
-    return nf4_dequantize_bytes(largest * shard, cfg.compute_bytes)
+    return nf4_dequantize_bytes(max(quantized_weights(model).values()), cfg.compute_bytes)
 
 
 def communicators(dims: dict) -> int:
