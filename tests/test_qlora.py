@@ -185,3 +185,20 @@ def test_base_dtype_without_lora_rank_is_one_error_line_and_exit_code_2():
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert errors == ["train.py: error: --base-dtype nf4 stores a frozen base: it needs --lora-rank R (QLoRA)"]
+
+
+def test_train_py_qlora_on_tp2_from_a_converted_checkpoint_lowers_the_loss(tmp_path):
+    """train.py --lora-rank 4 --base-dtype nf4 on 2 ranks (tp 2), from a converted
+    checkpoint of the test model (vocab as train.py's byte tokenizer needs): the loss falls."""
+    from llama.weights.format import save_checkpoint
+    from tests.test_train import RUN, check, metrics, torchrun
+
+    args = replace(ARGS, vocab_size=264, max_seq_len=128)
+    converted = save_checkpoint(Transformer(args).init_weights(seed=5).state_dict(), args, tmp_path / "base")
+    corpus = tmp_path / "corpus.txt"
+    files = sorted((Path(torch.__file__).parent / "nn" / "modules").glob("*.py"))[:6]
+    corpus.write_text("\n\n".join(f.read_text() for f in files)[:60_000])
+    check(torchrun("--checkpoint", converted, "--data", corpus, "--save-dir", tmp_path / "run", "--tp", 2,
+                   "--steps", 6, *RUN[:-2], "--lr", "1e-2", "--lora-rank", "4", "--base-dtype", "nf4", nproc=2))
+    losses = [r["loss"] for r in metrics(tmp_path / "run")]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.05, losses

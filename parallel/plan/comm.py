@@ -37,7 +37,8 @@ def fsdp_collectives(groups, dims: dict, shard: int, strategy, cfg: StepConfig, 
 
     FSDP skips the all-gather and reduce-scatter on a one-rank shard group. The shard group
     is dp (dp_shard for HSDP) times cp: context-parallel ranks hold different tokens.
-    With LoRA a group gathers its frozen base in its storage dtype (NF4 as NF4) and reduces
+    With LoRA a group gathers its frozen base in its storage dtype (no NF4: FSDP
+    ignores it) and reduces
     only its adapters' gradients; a group without adapters reduces nothing."""
     label = "dp_shard" if strategy.hybrid else "dp"
     if dims.get("cp", 1) > 1:
