@@ -7,15 +7,14 @@ Each rank quantises its own tensor-parallel shard, after that shard is read or d
 the whole tensor: a column-parallel layer's rows (its `replicated_rows` only, where kv heads
 are shared), a row-parallel layer's columns. The NF4 weight is a plain frozen parameter (no
 DTensor) that FSDP leaves alone (`fully_shard(ignored_params=...)`, see nf4_ignored_params),
-so a rank holds 1/tp of each projection in NF4, not 1/(dp x tp). What did not compose:
-- NF4Tensor inside a DTensor: torchao's NF4Tensor implements a fixed list of aten ops
-  (view, slice, split, copy_, to, t, mm, ...); DTensor.from_local(nf4, ...) and the
-  DTensor ops our layers and FSDP call on it (redistribute, _to_copy under placements,
-  chunk_cat for 2-D (dp, tp) params) are not among them.
-- FSDP2 over NF4 with our 2-D (dp, tp) parameters: torchao's fsdp_pre/post_all_gather
-  hooks expect FSDP to shard a plain NF4Tensor along dim 0 (torchtune's 1-D FSDP); ours are
-  DTensors on the tp mesh whose local shard FSDP cuts again, and quantising per (dp, tp)
-  shard would tie the NF4 block layout to dp too.
+so a rank holds 1/tp of each projection in NF4, not 1/(dp x tp). Why not through FSDP:
+- tried: letting FSDP2 shard the weights over dp as well (no ignored_params) makes each
+  rank's piece a (dp, tp) shard; at dp 2 x tp 2 on the test model wk's is 32 x 256 = 8192
+  weights, under one 64 x 256 block unit, so quantising it fails check_nf4_shapes, and
+  the block layout would depend on dp.
+- not tried (no time in this change): NF4Tensor inside a DTensor (DTensor.from_local of an
+  NF4Tensor), and torchao's FSDP2 all-gather hooks with our 2-D (dp, tp) parameters;
+  torchao's hooks are written for torchtune's 1-D FSDP over plain NF4Tensors.
 
 Which values a mesh sees: NF4 keeps one mean of the block scales per quantised tensor
 (`scaler_mean`, subtracted before the second quantisation), so a shard quantises to other
