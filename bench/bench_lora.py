@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from bench_step import ARGS, CATEGORIES, interleaved_rounds, make_step, profile_step, random_batch
+from bench_step import ARGS, CATEGORIES, MATMUL, breakdown, interleaved_rounds, make_step, profile_step, random_batch
 from llama import ModelArgs
 from llama.lora import LoRAConfig, is_adapter
 from llama.training.build import keep_freed_host_memory
@@ -84,6 +84,16 @@ def saved_model_tensors(path: Path) -> list:
     return sorted(k.split(".", 1)[1] for k in keys if k.startswith("model."))
 
 
+def low_rank_matmul_ms(prof, rank: int) -> tuple:
+    """Self CPU time (ms) and count of the matmuls with an operand of `rank` rows or columns:
+    the adapters' products, forward and backward (no other dimension of the model is 16)."""
+    ms, count = 0.0, 0
+    for event in prof.events():
+        if event.name in MATMUL and any(rank in shape for shape in event.input_shapes if shape):
+            ms, count = ms + event.self_cpu_time_total / 1000, count + 1
+    return ms, count
+
+
 def _bench(opts, root: str) -> dict:
     keep_freed_host_memory()  # as train.py does on CPU
     args = TINY if opts.tiny else ARGS
@@ -110,7 +120,8 @@ def _bench(opts, root: str) -> dict:
         steps[variant] = step
 
     result = interleaved_rounds(steps, opts.steps, opts.consecutive)
-    profiles = {variant: profile_step(step) for variant, step in steps.items()}
+    profiles = {variant: profile_step(step, lambda prof: (*breakdown(prof), low_rank_matmul_ms(prof, opts.rank)),
+                                      record_shapes=True) for variant, step in steps.items()}
     return dict(result, memory=memory, trainable=trainable, adapters=adapters, checkpoint=checkpoint,
                 saved_tensors=saved, profile=profiles)
 
@@ -141,6 +152,8 @@ def print_profiles(profiles: dict, top: int) -> None:
             totals = profiles[variant][0]
             cells.append(sum(totals.values()) if cat == "total" else totals[cat])
         print(f"  {cat:18s} " + " ".join(f"{c:9.1f}" for c in cells))
+    ms, count = profiles["lora"][3]
+    print(f"  of LoRA's matmul: {ms:.1f} ms in the {count} products with a rank-sized operand (the adapters')")
     if top:
         for variant in VARIANTS:
             ops = profiles[variant][2]

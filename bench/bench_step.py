@@ -131,13 +131,13 @@ def interleaved_rounds(steps: dict, rounds: int, consecutive: int) -> dict:
     }
 
 
-def profile_step(step) -> tuple:
-    """One step under torch.profiler on every rank; this rank's `breakdown`."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+def profile_step(step, summarize=breakdown, record_shapes: bool = False):
+    """One step under torch.profiler on every rank; `summarize` of this rank's profile."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=record_shapes) as prof:
         dist.barrier()
         step()
         dist.barrier()
-    return breakdown(prof)
+    return summarize(prof)
 
 
 def print_profile(profile: tuple, top: int = 0) -> None:
