@@ -19,8 +19,11 @@ parameters are not in it. torch keeps no peak for its CPU allocator (there is no
 counterpart of torch.cuda.max_memory_allocated), so no allocator peak is reported; the
 process RSS is not one either. Checkpoint bytes: one real save through
 llama.training.checkpoint.Checkpointer (adapters, their AdamW state and RNG for LoRA;
-the whole model's for full), every rank's files. Then one step of each variant runs
-under torch.profiler, and rank 0's self CPU time is split into bench_step.py's categories.
+the whole model's for full), every rank's files. FLOPs per step: torch's FlopCounterMode
+over one step (deterministic: the ratio the step times would have on a quiet machine with
+every op at the same speed). Then one step of each variant runs under torch.profiler, and
+rank 0's self CPU time is split into bench_step.py's categories, with the time of the
+adapters' own matmuls.
 """
 
 import argparse
@@ -94,6 +97,16 @@ def low_rank_matmul_ms(prof, rank: int) -> tuple:
     return ms, count
 
 
+def step_flops(step) -> int:
+    """FLOPs of one step on this rank, counted by torch's FlopCounterMode (matmuls and
+    attention; what the step's time should follow on a quiet machine)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
 def _bench(opts, root: str) -> dict:
     keep_freed_host_memory()  # as train.py does on CPU
     args = TINY if opts.tiny else ARGS
@@ -103,7 +116,7 @@ def _bench(opts, root: str) -> dict:
     optim_opts = argparse.Namespace(**{k: train_defaults.get_default(k) for k in
                                        ("lr", "weight_decay", "decay_norms_and_embeddings")})
 
-    steps, memory, trainable, adapters, checkpoint, saved = {}, {}, {}, {}, {}, {}
+    steps, memory, trainable, adapters, checkpoint, saved, flops = {}, {}, {}, {}, {}, {}, {}
     for variant in VARIANTS:
         lora = LoRAConfig(opts.rank) if variant == "lora" else None
         model = build_parallel_model(args, mesh, sequence_parallel=True, lora=lora)
@@ -117,13 +130,14 @@ def _bench(opts, root: str) -> dict:
         path = Checkpointer(save_dir, keep=1).save(2, model, optimizer, {"data": {}})
         if dist.get_rank() == 0:  # rank 0 renamed it into place: complete
             checkpoint[variant], saved[variant] = directory_bytes(save_dir), saved_model_tensors(path)
+        flops[variant] = step_flops(step)
         steps[variant] = step
 
     result = interleaved_rounds(steps, opts.steps, opts.consecutive)
     profiles = {variant: profile_step(step, lambda prof: (*breakdown(prof), low_rank_matmul_ms(prof, opts.rank)),
                                       record_shapes=True) for variant, step in steps.items()}
     return dict(result, memory=memory, trainable=trainable, adapters=adapters, checkpoint=checkpoint,
-                saved_tensors=saved, profile=profiles)
+                saved_tensors=saved, flops=flops, profile=profiles)
 
 
 def print_table(result: dict, rank: int) -> None:
@@ -194,6 +208,9 @@ def main(argv=None) -> dict:
     ratio = result["medians"]["lora"] / result["medians"]["full"]
     verdict = "meets" if ratio <= TARGET_RATIO else "misses"
     print(f"LoRA/full step time {ratio:.2f}: {verdict} the target of at most {TARGET_RATIO}x")
+    flops = result["flops"]
+    print(f"FLOPs per step on rank 0 (torch FlopCounterMode, deterministic): full {flops['full'] / 1e9:.1f} G, "
+          f"LoRA {flops['lora'] / 1e9:.1f} G, ratio {flops['lora'] / flops['full']:.3f}")
     print("QLoRA: not built yet (issue 21 item 3), so not measured")
     print("memory: storage bytes counted (params, grads before the update, AdamW state); torch has no peak "
           "counter for its CPU allocator, so none is reported")
