@@ -37,7 +37,7 @@ import llama.masks as masks
 from llama import ModelArgs
 from parallel.devices import measure_peak_tflops
 from parallel.fsdp import build_parallel_model
-from parallel.layers import vocab_parallel_cross_entropy
+from parallel.layers import sum_adapter_gradients, vocab_parallel_cross_entropy
 from parallel.mesh import build_mesh, dp_rank, dp_size
 from llama.training.build import keep_freed_host_memory
 
@@ -79,55 +79,96 @@ def breakdown(prof) -> tuple[dict, dict]:
     return totals, others, ops
 
 
-def _bench(opts) -> dict:
-    keep_freed_host_memory()  # as train.py does on CPU
-    mesh = build_mesh(2)
-    variants = list(itertools.product(opts.sequence_parallel, opts.strategy, opts.adamw, opts.compile, opts.attention))
-    query_run = {"runs": masks.QUERY_RUN, "square": 10**9}  # one run longer than the sequence: is_causal
+def random_batch(mesh, micro_batch: int, seq_len: int, vocab_size: int = ARGS.vocab_size) -> tuple:
+    """Random tokens, different on each dp rank: inputs, targets and the global token count
+    that a step's summed loss divides by."""
     gen = torch.Generator().manual_seed(dp_rank(mesh))
-    tokens = torch.randint(0, ARGS.vocab_size, (opts.micro_batch, opts.seq_len + 1), generator=gen)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    global_tokens = opts.micro_batch * opts.seq_len * dp_size(mesh)
+    tokens = torch.randint(0, vocab_size, (micro_batch, seq_len + 1), generator=gen)
+    return tokens[:, :-1], tokens[:, 1:], micro_batch * seq_len * dp_size(mesh)
 
-    steps = {}
-    for sp, strategy, adamw, compiled, attention in variants:
-        model = build_parallel_model(ARGS, mesh, strategy=strategy, sequence_parallel=sp == "on", compile=compiled == "on")
-        opt = torch.optim.AdamW(model.parameters(), **({"fused": True} if adamw == "fused" else {}))
 
-        def step(model=model, opt=opt, run=query_run[attention]):
-            masks.QUERY_RUN = run
-            logits = model(inputs)
-            (vocab_parallel_cross_entropy(logits, targets, reduction="sum") / global_tokens).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+def make_step(model, opt, inputs, targets, global_tokens: int, run: int = masks.QUERY_RUN):
+    """One training step: model, vocab-parallel loss, backward, the LoRA factors' tp shares
+    summed (as train_step does; nothing to sum without adapters), optimizer step. The step
+    takes `before_update`: called with the gradients complete, before the optimizer step
+    (where bench_lora.py counts what memory holds)."""
 
-        steps[(sp, strategy, adamw, compiled, attention)] = step
-        step(), step()  # warm-up
+    def step(before_update=None):
+        masks.QUERY_RUN = run
+        logits = model(inputs)
+        (vocab_parallel_cross_entropy(logits, targets, reduction="sum") / global_tokens).backward()
+        sum_adapter_gradients(model)
+        if before_update is not None:
+            before_update()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
-    # The machine's speed drifts (a shared VM): a peak probe of 0.5 s on every rank at once
-    # before each round, every variant stepping in each round. Medians of both.
+    return step
+
+
+def interleaved_rounds(steps: dict, rounds: int, consecutive: int) -> dict:
+    """Time every step function of `steps` (name -> step) for `consecutive` steps in a row
+    in each of `rounds` rounds. The machine's speed drifts (a shared VM): each round starts
+    with a peak probe of 0.5 s on every rank at once, and every variant steps in each
+    round. Medians over the rounds, with the range (min, max)."""
     peaks, times = [], defaultdict(list)
-    for _ in range(opts.steps):
+    for _ in range(rounds):
         probe = torch.tensor(measure_peak_tflops(torch.device("cpu"), seconds=0.5))
         dist.all_reduce(probe)
         peaks.append(probe.item())
         for variant, step in steps.items():
             dist.barrier()
             start = time.perf_counter()
-            for _ in range(opts.consecutive):
+            for _ in range(consecutive):
                 step()
             dist.barrier()
-            times[variant].append((time.perf_counter() - start) / opts.consecutive)
-    medians = {variant: statistics.median(t) for variant, t in times.items()}
-    spread = {variant: (min(t), max(t)) for variant, t in times.items()}
+            times[variant].append((time.perf_counter() - start) / consecutive)
+    return {
+        "medians": {variant: statistics.median(t) for variant, t in times.items()},
+        "spread": {variant: (min(t), max(t)) for variant, t in times.items()},
+        "peak": statistics.median(peaks),
+        "peaks": (min(peaks), max(peaks)),
+    }
 
-    fastest = min(medians, key=medians.get)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+
+def profile_step(step, summarize=breakdown, record_shapes: bool = False):
+    """One step under torch.profiler on every rank; `summarize` of this rank's profile."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=record_shapes) as prof:
         dist.barrier()
-        steps[fastest]()
+        step()
         dist.barrier()
-    return {"medians": medians, "spread": spread, "peak": statistics.median(peaks), "peaks": (min(peaks), max(peaks)),
-            "profile": breakdown(prof)}
+    return summarize(prof)
+
+
+def print_profile(profile: tuple, top: int = 0) -> None:
+    totals, others, ops = profile
+    total = sum(totals.values())
+    print(f"profile of one step, rank 0 (self CPU time, {total:.0f} ms):")
+    for cat in CATEGORIES:
+        print(f"  {cat:18s} {totals[cat]:7.1f} ms  {100 * totals[cat] / total:5.1f}%")
+    print("  top of other: " + ", ".join(f"{n} {t:.1f}" for n, t in sorted(others.items(), key=lambda x: -x[1])[:8]))
+    if top:
+        print("  top ops: " + ", ".join(f"{n} {t:.1f}" for n, t in sorted(ops.items(), key=lambda x: -x[1])[:top]))
+
+
+def _bench(opts) -> dict:
+    keep_freed_host_memory()  # as train.py does on CPU
+    mesh = build_mesh(2)
+    variants = list(itertools.product(opts.sequence_parallel, opts.strategy, opts.adamw, opts.compile, opts.attention))
+    query_run = {"runs": masks.QUERY_RUN, "square": 10**9}  # one run longer than the sequence: is_causal
+    inputs, targets, global_tokens = random_batch(mesh, opts.micro_batch, opts.seq_len)
+
+    steps = {}
+    for sp, strategy, adamw, compiled, attention in variants:
+        model = build_parallel_model(ARGS, mesh, strategy=strategy, sequence_parallel=sp == "on", compile=compiled == "on")
+        opt = torch.optim.AdamW(model.parameters(), **({"fused": True} if adamw == "fused" else {}))
+        step = make_step(model, opt, inputs, targets, global_tokens, query_run[attention])
+        steps[(sp, strategy, adamw, compiled, attention)] = step
+        step(), step()  # warm-up
+
+    result = interleaved_rounds(steps, opts.steps, opts.consecutive)
+    fastest = min(result["medians"], key=result["medians"].get)
+    return dict(result, profile=profile_step(steps[fastest]))
 
 
 def main():
@@ -171,14 +212,7 @@ def main():
     fastest = min(result["medians"], key=result["medians"].get)
     print(f"fastest: sequence parallel {fastest[0]}, FSDP {fastest[1]}, AdamW {fastest[2]}, compile {fastest[3]}, "
           f"attention {fastest[4]}")
-    totals, others, ops = result["profile"]
-    total = sum(totals.values())
-    print(f"profile of one step, rank 0 (self CPU time, {total:.0f} ms):")
-    for cat in CATEGORIES:
-        print(f"  {cat:18s} {totals[cat]:7.1f} ms  {100 * totals[cat] / total:5.1f}%")
-    print("  top of other: " + ", ".join(f"{n} {t:.1f}" for n, t in sorted(others.items(), key=lambda x: -x[1])[:8]))
-    if opts.top:
-        print("  top ops: " + ", ".join(f"{n} {t:.1f}" for n, t in sorted(ops.items(), key=lambda x: -x[1])[: opts.top]))
+    print_profile(result["profile"], opts.top)
 
 
 if __name__ == "__main__":

@@ -291,6 +291,15 @@ def _lora_input(x: torch.Tensor, lora: LoRA, training: bool) -> torch.Tensor:
     return F.dropout(x, lora.dropout, training) if lora.dropout else x
 
 
+def _plus_lora_update(y: torch.Tensor, x_a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """y + scale * x_a B^T as one addmm (beta 1, alpha scale): the product accumulates into
+    a copy of y inside the GEMM, so neither the (tokens, out) product nor its scaled copy is
+    materialised, and backward scales only the small (tokens, rank) and (rank, out) factors'
+    gradients, not the (tokens, out) one."""
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), x_a.reshape(-1, x_a.shape[-1]), b.t(), alpha=scale)
+    return out.view(y.shape)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with the output features split across tp ranks (W is Shard(0)). Its input
     must come from a `RegionInput`. With `replicated_rows=(start, stop)` every rank holds
@@ -331,8 +340,8 @@ class ColumnParallelLinear(nn.Module):
         b = local_tensor(self.lora_b)
         if self.replicated_rows is not None:
             b = b[self.replicated_rows[0] : self.replicated_rows[1]]  # its share: sum_adapter_gradients
-        update = F.linear(F.linear(_lora_input(x, self.lora, self.training), local_tensor(self.lora_a)), b)
-        return y + self.lora.scale * update
+        x_a = F.linear(_lora_input(x, self.lora, self.training), local_tensor(self.lora_a))
+        return _plus_lora_update(y, x_a, b, self.lora.scale)
 
 
 class RowParallelLinear(nn.Module):
@@ -365,7 +374,7 @@ class RowParallelLinear(nn.Module):
         y = _nf4_linear(x, self.weight) if self.nf4 else F.linear(x, local_tensor(self.weight))
         if self.lora is not None:
             partial = F.linear(_lora_input(x, self.lora, self.training), local_tensor(self.lora_a))
-            y = y + self.lora.scale * F.linear(partial, local_tensor(self.lora_b))
+            y = _plus_lora_update(y, partial, local_tensor(self.lora_b), self.lora.scale)
         return _leave_region(y, self.tp_mesh, self.sequence_parallel)
 
 
