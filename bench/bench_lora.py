@@ -7,7 +7,9 @@ The 2x2 CPU config of bench/bench_step.py (dim 512, 4 layers, 8 heads / 4 kv hea
 8192, seq 512, micro-batch 4 per dp rank, fp32) with train.py's step on CPU: sequence
 parallelism on, FSDP full, fused AdamW over `param_groups` (frozen parameters get no
 state), the LoRA factors' tp shares summed once a step. Variants: full fine-tuning, and
-LoRA of rank `--rank` on all seven projections (wq, wk, wv, wo, w1, w2, w3). Both step in
+LoRA of rank `--rank` on all seven projections (wq, wk, wv, wo, w1, w2, w3), and the same on
+an NF4 base (QLoRA, `--base-dtype nf4`; not with --tiny, whose projections are smaller than
+one NF4 block unit). All step in
 every round, after one peak probe, as bench_step.py times them (so the machine's drift
 hits both alike); figures are medians over the rounds with the range. Target: a LoRA
 r 16 step takes at most 0.75x a full step.
@@ -42,6 +44,7 @@ from torch.distributed.tensor import DTensor
 from bench_step import ARGS, CATEGORIES, MATMUL, breakdown, interleaved_rounds, make_step, profile_step, random_batch
 from llama import ModelArgs
 from llama.lora import LoRAConfig, is_adapter
+from llama.qlora import nf4_storage_bytes
 from llama.training.build import keep_freed_host_memory
 from llama.training.checkpoint import Checkpointer
 from llama.training.flags import build_parser
@@ -50,18 +53,21 @@ from parallel.fsdp import build_parallel_model
 from parallel.mesh import build_mesh
 
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=32)
-VARIANTS = ("full", "lora")
+VARIANTS = ("full", "lora", "qlora")  # qlora: LoRA on an NF4 base (--base-dtype nf4), not in --tiny
 TARGET_RATIO = 0.75
 
 
 def storage_bytes(tensors) -> int:
     """Bytes of the storages under `tensors` (DTensors: their local shards), each once."""
-    storages = {}
+    storages, nf4 = {}, 0
     for t in tensors:
         local = t.to_local() if isinstance(t, DTensor) else t
+        if hasattr(local, "quantized_data"):  # an NF4Tensor (QLoRA): its parts, not one storage
+            nf4 += nf4_storage_bytes(local)
+            continue
         storage = local.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+    return sum(storages.values()) + nf4
 
 
 def state_bytes(model, optimizer) -> dict:
@@ -107,6 +113,11 @@ def step_flops(step) -> int:
     return counter.get_total_flops()
 
 
+def variants(opts) -> tuple:
+    """The tiny model's projections hold fewer weights than one NF4 block unit (64 x 256)."""
+    return VARIANTS[:2] if opts.tiny else VARIANTS
+
+
 def _bench(opts, root: str) -> dict:
     keep_freed_host_memory()  # as train.py does on CPU
     args = TINY if opts.tiny else ARGS
@@ -117,9 +128,10 @@ def _bench(opts, root: str) -> dict:
                                        ("lr", "weight_decay", "decay_norms_and_embeddings")})
 
     steps, memory, trainable, adapters, checkpoint, saved, flops = {}, {}, {}, {}, {}, {}, {}
-    for variant in VARIANTS:
-        lora = LoRAConfig(opts.rank) if variant == "lora" else None
-        model = build_parallel_model(args, mesh, sequence_parallel=True, lora=lora)
+    for variant in variants(opts):
+        lora = LoRAConfig(opts.rank) if variant != "full" else None
+        base_dtype = "nf4" if variant == "qlora" else None
+        model = build_parallel_model(args, mesh, sequence_parallel=True, lora=lora, base_dtype=base_dtype)
         optimizer = build_optimizer(model, optim_opts, "cpu")
         step = make_step(model, optimizer, inputs, targets, global_tokens)
         step()  # warm-up; the optimizer state exists from here on
@@ -145,31 +157,31 @@ def print_table(result: dict, rank: int) -> None:
     print("| variant | ms/step, median (range) | x full | trainable params | params + grads + AdamW "
           "per rank, MB (max over ranks) | checkpoint, MB |")
     print("|---|---|---|---|---|---|")
-    for variant in VARIANTS:
+    for variant in result["medians"]:
         seconds = result["medians"][variant]
         low, high = result["spread"][variant]
         mem = result["memory"][variant]
         split = " + ".join(f"{mem[k] / 1e6:.1f}" for k in ("params", "grads", "optimizer"))
-        name = f"LoRA r {rank}, 7 targets" if variant == "lora" else "full fine-tuning"
+        name = {"full": "full fine-tuning", "lora": f"LoRA r {rank}, 7 targets",
+                "qlora": f"QLoRA r {rank}, 7 targets, NF4 base"}[variant]
         print(f"| {name} | {1000 * seconds:.0f} ({1000 * low:.0f}-{1000 * high:.0f}) | {seconds / full:.2f} "
               f"| {result['trainable'][variant]:,} | {sum(mem.values()) / 1e6:.1f} ({split}) "
               f"| {result['checkpoint'][variant] / 1e6:.2f} |")
-    print("| QLoRA | not built yet (issue 21 item 3): no row | | | | |")
 
 
 def print_profiles(profiles: dict, top: int) -> None:
     print("profile of one step per variant, rank 0 (self CPU time, ms):")
-    print(f"  {'category':18s} " + " ".join(f"{v:>9s}" for v in VARIANTS))
+    print(f"  {'category':18s} " + " ".join(f"{v:>9s}" for v in profiles))
     for cat in CATEGORIES + ("total",):
         cells = []
-        for variant in VARIANTS:
+        for variant in profiles:
             totals = profiles[variant][0]
             cells.append(sum(totals.values()) if cat == "total" else totals[cat])
         print(f"  {cat:18s} " + " ".join(f"{c:9.1f}" for c in cells))
     ms, count = profiles["lora"][3]
     print(f"  of LoRA's matmul: {ms:.1f} ms in the {count} products with a rank-sized operand (the adapters')")
     if top:
-        for variant in VARIANTS:
+        for variant in profiles:
             ops = profiles[variant][2]
             print(f"  top ops, {variant}: " + ", ".join(f"{n} {t:.1f}" for n, t in sorted(ops.items(), key=lambda x: -x[1])[:top]))
 
@@ -198,7 +210,7 @@ def main(argv=None) -> dict:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     result = results[0]
-    result["memory"] = {v: max((r["memory"][v] for r in results), key=lambda m: sum(m.values())) for v in VARIANTS}
+    result["memory"] = {v: max((r["memory"][v] for r in results), key=lambda m: sum(m.values())) for v in result["medians"]}
     args = TINY if opts.tiny else ARGS
     print(f"2x2 CPU config (dim {args.dim}, {args.n_layers} layers, vocab {args.vocab_size}, seq {opts.seq_len}, "
           f"micro-batch {opts.micro_batch} per dp rank, fp32, fused AdamW), {opts.steps} rounds of "
@@ -209,9 +221,8 @@ def main(argv=None) -> dict:
     verdict = "meets" if ratio <= TARGET_RATIO else "misses"
     print(f"LoRA/full step time {ratio:.2f}: {verdict} the target of at most {TARGET_RATIO}x")
     flops = result["flops"]
-    print(f"FLOPs per step on rank 0 (torch FlopCounterMode, deterministic): full {flops['full'] / 1e9:.1f} G, "
-          f"LoRA {flops['lora'] / 1e9:.1f} G, ratio {flops['lora'] / flops['full']:.3f}")
-    print("QLoRA: not built yet (issue 21 item 3), so not measured")
+    print("FLOPs per step on rank 0 (torch FlopCounterMode, deterministic): " + ", ".join(
+        f"{v} {f / 1e9:.1f} G ({f / flops['full']:.3f})" for v, f in flops.items()))
     print("memory: storage bytes counted (params, grads before the update, AdamW state); torch has no peak "
           "counter for its CPU allocator, so none is reported")
     print_profiles(result["profile"], opts.top)
