@@ -3,7 +3,8 @@ mesh), so the benchmark cannot rot. Structure only, no timing: the LoRA variant 
 exactly its adapters (r x (in + out) per target projection), full fine-tuning trains
 every parameter, LoRA holds less gradient and AdamW state and saves a smaller checkpoint
 of its adapters only,
-and the markdown table has both rows and says QLoRA is not built."""
+and the markdown table has both rows (QLoRA, on an NF4 base, needs projections of at
+least one 64 x 256 block unit, so it runs only at the benchmark's real size)."""
 
 import sys
 from pathlib import Path
@@ -51,6 +52,6 @@ def test_tiny_bench_lora_trains_only_the_adapters_and_saves_less(capsys):
     assert 0 < result["flops"]["lora"] < result["flops"]["full"]  # no weight gradients of the frozen base
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| variant |")
-    assert [r.split(" | ")[0] for r in rows[1:]] == ["| full fine-tuning", f"| LoRA r {RANK}, 7 targets", "| QLoRA"]
-    assert "not built yet (issue 21 item 3)" in rows[-1]
+    # QLoRA runs only at the real size: the tiny projections are under one NF4 block unit
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| full fine-tuning", f"| LoRA r {RANK}, 7 targets"]
     assert "LoRA/full step time" in out
