@@ -28,6 +28,7 @@ class Batch(NamedTuple):
     inputs: torch.Tensor
     targets: torch.Tensor  # IGNORE_INDEX where the loss does not apply
     document_ids: Optional[torch.Tensor]  # non-decreasing per row from 0; None without document masking
+    pair_ids: Optional[torch.Tensor] = None  # preference pairs: [micro_batch] pair per two rows, -1 padding
 
 
 Row = tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]  # one sample's inputs, targets, document ids
