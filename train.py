@@ -28,6 +28,7 @@ from llama.training.inputs import batch_layout, build_data
 from llama.training.metrics import MemorySnapshot, StepProfiler, parse_step_range
 from llama.training.optim import build_optimizer, lr_at, set_lr
 from llama.training.preemption import PREEMPTED_EXIT_CODE, StopRequests, parse_signals, parse_time_limit
+from llama.training.reference import build_objective, plan_reference
 from llama.training.run_config import write_config
 from llama.training.step import NONFINITE_EXIT_CODE, SkippedSteps, TrainState, train_step
 from llama.training.step_log import StepLog, run_banner
@@ -50,6 +51,8 @@ def train(opts, parser: Optional[argparse.ArgumentParser] = None) -> int:
     args, tokenizer = read_model_and_tokenizer(opts)
     global_batch = batch_layout(opts, args, dp_size(mesh))
     data = build_data(opts, tokenizer, mesh, global_batch, args.vocab_size)
+    # DPO: the reference's log-probabilities stored, or computed now by a model of their own
+    reference = plan_reference(opts, args, mesh, data, save_dir, device, resumed=resume_from is not None)
     # resuming: the checkpoint's weights replace whatever is there, so none are drawn or read
     # (but a LoRA run's base, which its checkpoints do not hold)
     trainee = build_trainee(opts.checkpoint or args, mesh, opts, init=resume_from is None)
@@ -57,6 +60,7 @@ def train(opts, parser: Optional[argparse.ArgumentParser] = None) -> int:
     state = TrainState(trainee.model, optimizer, data.loader, SkippedSteps(device), vars(opts))
     checkpoints = Checkpointer(save_dir, opts.keep, async_save=opts.async_checkpoint, every=opts.save_every, base=base)
     checkpoints.resume(resume_from, state)
+    trainee.objective = build_objective(opts, trainee, data, mesh, reference)  # DPO: the pass by the policy's start
     last_step = opts.steps if opts.stop_after is None else min(opts.steps, state.step + opts.stop_after)
     log = StepLog(opts, args, mesh, device, global_batch, last_step, resumed_at=None if resume_from is None else state.step)
     if rank == 0 and parser is not None:
@@ -80,12 +84,12 @@ def train(opts, parser: Optional[argparse.ArgumentParser] = None) -> int:
         profile.after_step(step)
         memory_snapshot.after_step(step)
         with log.paused():  # tokens/s counts training alone
-            val_loss = validation.maybe_run(step)
+            val = validation.maybe_run(step)
         waits_anyway = log.due(step) or checkpoints.due(step, last_step)  # the steps that read the device
         if waits_anyway and state.skipped.in_a_row() >= opts.max_skips:
             exit_code = NONFINITE_EXIT_CODE
             break
-        log.step(step, lr, loss_share, grad_norm, val_loss, data.loader.sample, state.skipped)
+        log.step(step, lr, loss_share, grad_norm, val, data.loader.sample, state.skipped)
         with log.paused(), stop.saving():
             checkpoints.maybe_save(state, last_step)
         stop_reason = stop.agreed(step, waits_anyway) if step < last_step else None

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from llama import ModelArgs, Transformer
-from parallel.layers import vocab_parallel_cross_entropy
+from parallel.losses import vocab_parallel_cross_entropy
 from parallel.spawn import run_on_ranks
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from llama import ModelArgs
 from parallel.fsdp import build_parallel_model
-from parallel.layers import vocab_parallel_cross_entropy
+from parallel.losses import vocab_parallel_cross_entropy
 from parallel.mesh import build_mesh, dp_rank, dp_size
 from parallel.train_utils import clip_grad_norm_
 

@@ -98,7 +98,7 @@ def _model_step(pp: int, microbatches: int, steps: int, batch: int, seq: int) ->
     from parallel.mesh import build_mesh
     from parallel.pipeline import PipelineConfig, build_pipeline
     from parallel.fsdp import build_parallel_model
-    from parallel.layers import vocab_parallel_cross_entropy
+    from parallel.losses import vocab_parallel_cross_entropy
 
     args = ModelArgs.from_preset("debug")
     gen = torch.Generator().manual_seed(0)

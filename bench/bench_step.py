@@ -37,7 +37,8 @@ import llama.masks as masks
 from llama import ModelArgs
 from parallel.devices import measure_peak_tflops
 from parallel.fsdp import build_parallel_model
-from parallel.layers import sum_adapter_gradients, vocab_parallel_cross_entropy
+from parallel.layers import sum_adapter_gradients
+from parallel.losses import vocab_parallel_cross_entropy
 from parallel.mesh import build_mesh, dp_rank, dp_size
 from llama.training.build import keep_freed_host_memory
 

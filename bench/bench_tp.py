@@ -21,7 +21,7 @@ import torch.nn.functional as F  # noqa: E402
 from llama import ModelArgs, Transformer  # noqa: E402
 from llama.model import RMSNorm  # noqa: E402
 from llama.rope import apply_rope, rope_table  # noqa: E402
-from parallel.layers import vocab_parallel_cross_entropy  # noqa: E402
+from parallel.losses import vocab_parallel_cross_entropy  # noqa: E402
 from parallel.spawn import run_on_ranks  # noqa: E402
 
 ARGS = ModelArgs(dim=512, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=8192, multiple_of=256, max_seq_len=1024)

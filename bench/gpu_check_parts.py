@@ -201,7 +201,7 @@ def build_train_py_step(opts, ctx, compile=False) -> dict:
 
 
 def run_train_step(step: dict, device: str) -> tuple:
-    """One optimizer step through train.py's train_step: (loss, grad norm, skipped) tensors."""
+    """One optimizer step through train.py's train_step: ({"loss": ...}, grad norm, skipped) tensors."""
     from llama.training.step import train_step
 
     return train_step(step["trainee"], step["optimizer"], step["loader"], torch.device(device), step["opts"].clip)
@@ -223,14 +223,14 @@ def timed_train_steps(opts, step: dict, warmup: int = 2) -> dict:
     synchronize(opts.device)
     start = time.perf_counter()
     for _ in range(opts.steps):
-        loss, grad_norm, skipped = run_train_step(step, opts.device)
+        shares, grad_norm, skipped = run_train_step(step, opts.device)
     synchronize(opts.device)
     seconds = (time.perf_counter() - start) / opts.steps
     tokens_per_s = opts.micro_batch * opts.seq_len / seconds
     peak = peak_tflops(device_name(opts.device), step["opts"].dtype) if opts.device == "cuda" else None
     achieved = tokens_per_s * args.training_flops_per_token(opts.seq_len) / 1e12
     result = {"step_s": seconds, "tokens_per_s": tokens_per_s, "tflops": achieved, "peak_tflops": peak,
-              "mfu": None if peak is None else achieved / peak, "loss": loss.item(), "grad_norm": grad_norm.item(),
+              "mfu": None if peak is None else achieved / peak, "loss": shares["loss"].item(), "grad_norm": grad_norm.item(),
               "dtype": step["opts"].dtype}
     result["failures"] = [] if math.isfinite(result["loss"]) and not skipped.item() else [f"loss {result['loss']}"]
     return result
@@ -284,7 +284,7 @@ def profiled_attention(device: str, work) -> tuple:
 def check_kernels(opts, ctx) -> dict:
     """The attention kernels train.py's step runs (document-masked: flex on CUDA, SDPA with
     a dense mask on CPU) and the plain causal path (--no-document-masking, decoding)."""
-    from parallel.layers import vocab_parallel_cross_entropy
+    from parallel.losses import vocab_parallel_cross_entropy
 
     step = default_train_py_step(opts, ctx)
     kind, names = profiled_attention(opts.device, lambda: run_train_step(step, opts.device))

@@ -9,6 +9,7 @@ else. A starts as PEFT's (Kaiming-uniform: U(-1/sqrt(in), 1/sqrt(in))) and B at 
 the model at step 0 is the base model exactly. Adapter parameters are named
 `<layer>.lora_a` and `<layer>.lora_b` (e.g. `layers.0.attention.wq.lora_a`)."""
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -66,6 +67,21 @@ def is_adapter(name: str) -> bool:
 def adapted_layers(model: nn.Module) -> dict:
     """Name -> layer of every projection that carries an adapter."""
     return {name: m for name, m in model.named_modules() if getattr(m, "lora", None) is not None}
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """The base model inside: every adapted layer computes x W^T alone (DPO's reference
+    under LoRA). The adapters' parameters stay where they are; nothing is copied."""
+    layers = adapted_layers(model)
+    saved = {name: layer.lora for name, layer in layers.items()}
+    for layer in layers.values():
+        layer.lora = None
+    try:
+        yield
+    finally:
+        for name, layer in layers.items():
+            layer.lora = saved[name]
 
 
 def add_adapters(model: nn.Module, config: LoRAConfig) -> int:

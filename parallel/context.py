@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
-from parallel.compat import all_gather_stacked, reduce_scatter_stacked
+from parallel.compat import all_gather_stacked, all_reduce_sum, reduce_scatter_stacked
 
 
 def cp_size(mesh: Optional[DeviceMesh]) -> int:
@@ -157,3 +157,29 @@ def gather_for_cp(x: torch.Tensor, cp_mesh: Optional[DeviceMesh], dim: int = 1) 
         # ids and positions: a plain all-gather, no autograd node
         return sequence_from_ranks(all_gather_stacked(x, cp_mesh), dim)
     return _AllGatherSequence.apply(x, dim, cp_mesh)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """A sum over a mesh's ranks that every rank then uses alike: backward sums the ranks'
+    gradients, so each rank's part gets the whole gradient of what all ranks computed."""
+
+    @staticmethod
+    def forward(ctx, x, mesh):
+        ctx.mesh = mesh
+        return all_reduce_sum(x, mesh)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_sum(grad, ctx.mesh), None
+
+
+def sum_over_cp(x: torch.Tensor, cp_mesh: Optional[DeviceMesh]) -> torch.Tensor:
+    """Per-sequence sums (a response's log-probability) from every cp rank's part of the
+    sequences; differentiable. Each cp rank then computes the same nonlinear loss of the
+    sums, and counts 1/cp of it, so that the shares add up to the loss once (backward's
+    sum of the ranks' gradients gives each part the whole loss's gradient)."""
+    if cp_size(cp_mesh) == 1:
+        return x
+    if not x.requires_grad:
+        return all_reduce_sum(x, cp_mesh)
+    return _SumOverRanks.apply(x, cp_mesh)

@@ -34,7 +34,8 @@ from llama.config import ModelArgs
 from llama.model import Transformer
 
 from .compat import pipeline_eval
-from .layers import tp_size, vocab_parallel_cross_entropy
+from .layers import tp_size
+from .losses import vocab_parallel_cross_entropy
 from .mesh import local_device, pp_mesh
 
 SCHEDULES = ("1f1b", "interleaved")
@@ -185,17 +186,20 @@ class TransformerStage(Transformer):
 
 
 class PipelineLoss:
-    """The schedule's loss_fn: a micro-batch's summed token losses over `global_tokens`,
-    the step's target count over every dp rank and micro-batch (set before each step)."""
+    """The schedule's loss_fn: a micro-batch's summed loss over `global_tokens`, what the
+    step's mean divides by over every dp rank and micro-batch (set before each step).
+    `summed(logits, targets)` is the run's objective (llama/training/objective.py; the
+    trainee sets it), next-token cross-entropy by default."""
 
     def __init__(self, tp_mesh: Optional[DeviceMesh]):
         self.tp_mesh = tp_mesh if tp_size(tp_mesh) > 1 else None
         self.global_tokens = 1
+        self.summed = functools.partial(vocab_parallel_cross_entropy, reduction="sum")
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.tp_mesh is not None:
             logits = DTensor.from_local(logits, self.tp_mesh, [Shard(logits.ndim - 1)], run_check=False)
-        return vocab_parallel_cross_entropy(logits, targets, reduction="sum") / max(self.global_tokens, 1)
+        return self.summed(logits, targets) / max(self.global_tokens, 1)
 
 
 class RankStages(nn.Module):

@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from .layers import vocab_parallel_cross_entropy
+from .losses import vocab_parallel_cross_entropy
 from .mesh import batch_mesh, dp_mesh, local_device
 
 
@@ -43,19 +43,21 @@ def sum_over_dp(value: float, mesh: Optional[DeviceMesh] = None) -> float:
     return _sum_over(value, None if mesh is None else dp_mesh(mesh))
 
 
-def sum_over_batch(value: float, mesh: Optional[DeviceMesh] = None) -> float:
-    """Add up a per-rank number over every rank that holds a different part of the step's
-    loss: dp ranks (rows), cp ranks (parts of each sequence) and pp ranks (only the last
-    stage has a loss; the others add 0). tp ranks hold the same value and are not added."""
+def sum_over_batch(value, mesh: Optional[DeviceMesh] = None):
+    """Add up a per-rank number (or a list of them, in one collective) over every rank that
+    holds a different part of the step's loss: dp ranks (rows), cp ranks (parts of each
+    sequence) and pp ranks (only the last stage has a loss; the others add 0). tp ranks hold
+    the same value and are not added."""
     return _sum_over(value, None if mesh is None else batch_mesh(mesh))
 
 
-def _sum_over(value: float, group: Optional[DeviceMesh]) -> float:
+def _sum_over(value, group: Optional[DeviceMesh]):
     if group is None or group.size() == 1:
         return value
-    total = torch.tensor([value], dtype=torch.float64, device=group.device_type)
+    values = value if isinstance(value, list) else [value]
+    total = torch.tensor(values, dtype=torch.float64, device=group.device_type)
     dist.all_reduce(total, group=group.get_group())
-    return float(total.item())
+    return total.tolist() if isinstance(value, list) else float(total.item())
 
 
 def _replicas(grad: DTensor) -> int:

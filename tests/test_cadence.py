@@ -40,8 +40,8 @@ def _log_counts_training_alone(save_dir: str) -> list:
         clock.now += 1.0  # the step itself
         with log.paused():
             clock.now += 30.0  # validation, or a save: not training
-        val_loss = 1.5 if step == 3 else None  # a validation on a step that does not log gets its own row
-        log.step(step, 1e-3, torch.tensor(2.0), torch.tensor(0.5), val_loss, 4 * step, skipped)
+        val = {"val_loss": 1.5} if step == 3 else None  # a validation on a step that does not log gets its own row
+        log.step(step, 1e-3, {"loss": torch.tensor(2.0)}, torch.tensor(0.5), val, 4 * step, skipped)
     log.close()
     return due
 

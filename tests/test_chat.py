@@ -486,7 +486,8 @@ def test_eval_batches_cover_the_same_samples_on_any_dp_size(tmp_path, kind):
 
     reference = union(1, 1)
     first = ds.get_batch(0, dp_rank=0, dp_size=1, micro_batch=global_batch * num_batches)  # epoch 0's first
-    assert reference == sorted(tuple(map(tuple, (i.tolist(), t.tolist(), d.tolist()))) for i, t, d in zip(*first))
+    assert reference == sorted(tuple(map(tuple, (i.tolist(), t.tolist(), d.tolist()))) for i, t, d in
+                               zip(first.inputs, first.targets, first.document_ids))
     assert union(2, 1) == union(4, 1) == union(2, 2) == reference
 
 
@@ -555,4 +556,4 @@ def test_chat_loader_state_resumes_like_the_pretraining_loader(tmp_path):
         next(loader)
     resumed = DistributedDataLoader(ds, global_batch=2)
     resumed.load_state_dict(loader.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(next(loader), next(resumed)))
+    assert all(torch.equal(a, b) for a, b in zip(next(loader)[:3], next(resumed)[:3]))  # pair_ids: None

@@ -17,7 +17,8 @@ import torch
 
 from llama import ModelArgs, Transformer
 from llama.lora import TARGETS, LoRAConfig, add_adapters
-from parallel.layers import reduce_partial_gradients, sum_adapter_gradients, vocab_parallel_cross_entropy
+from parallel.layers import reduce_partial_gradients, sum_adapter_gradients
+from parallel.losses import vocab_parallel_cross_entropy
 from parallel.spawn import run_on_ranks
 from tests.test_model import batch, tp_mesh
 

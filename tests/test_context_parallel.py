@@ -12,7 +12,8 @@ import torch
 from llama import ModelArgs, Transformer
 from parallel.context import (
     check_cp_divides, key_prefixes_for_rank, positions_for_rank, rank_chunks, restore_order, split_for_rank)
-from parallel.layers import reduce_partial_gradients, vocab_parallel_cross_entropy
+from parallel.layers import reduce_partial_gradients
+from parallel.losses import vocab_parallel_cross_entropy
 from parallel.spawn import run_on_ranks
 
 TOL = 1e-5

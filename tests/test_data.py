@@ -143,7 +143,7 @@ def test_default_corpus_is_a_few_mb_of_stdlib_sources(tmp_path):
 
 def test_windows_are_shifted_pairs_sharing_one_token():
     ds = numbered_windows(num_samples=10, seq_len=4)
-    inputs, targets, _ = ds.get_batch(0, dp_rank=0, dp_size=1, micro_batch=10)
+    inputs, targets = ds.get_batch(0, dp_rank=0, dp_size=1, micro_batch=10)[:2]
     assert inputs.dtype == targets.dtype == torch.int64 and inputs.shape == (10, 4)
     assert torch.equal(targets, inputs + 1)
     assert sorted(window_ids(inputs, 4)) == list(range(10)) != window_ids(inputs, 4)  # shuffled
@@ -158,7 +158,7 @@ def test_one_epoch_on_any_dp_size_yields_every_sample_exactly_once(dp_size):
     seen = []
     for _ in range(num_samples // global_batch):
         for loader in loaders:
-            inputs, targets, _ = next(loader)
+            inputs, targets = next(loader)[:2]
             assert inputs.shape == (global_batch // dp_size, seq_len) and torch.equal(targets, inputs + 1)
             seen += window_ids(inputs, seq_len)
     assert sorted(seen) == list(range(num_samples))

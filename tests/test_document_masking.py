@@ -8,7 +8,8 @@ import torch
 
 from llama import ModelArgs, Transformer
 from llama.masks import document_mask, document_positions
-from parallel.layers import reduce_partial_gradients, vocab_parallel_cross_entropy
+from parallel.layers import reduce_partial_gradients
+from parallel.losses import vocab_parallel_cross_entropy
 from parallel.spawn import run_on_ranks
 
 TOL = 1e-5

@@ -90,7 +90,7 @@ def small_validation(trainee, small_val, mesh, micro_batch: int, device) -> tupl
     with contextlib.redirect_stderr(io.StringIO()) as said:
         batches = list(eval_batches(small_val, 4, GLOBAL_BATCH, dp_rank(mesh), dp_size(mesh), micro_batch))
     assert sum(len(b.inputs) for b in batches) * dp_size(mesh) == GLOBAL_BATCH  # one global batch, padded
-    return evaluate(trainee, batches, device, mesh), said.getvalue()
+    return evaluate(trainee, batches, device, mesh)["val_loss"], said.getvalue()
 
 
 def _mesh_worker(data: Path, cache_dir: Path) -> dict:
@@ -120,12 +120,12 @@ def _mesh_worker(data: Path, cache_dir: Path) -> dict:
         my_targets = sum(
             train_set.num_targets(m * per_micro + first + j) for m in range(GRAD_ACCUM) for j in range(loader.micro_batch)
         )
-        val_loss = evaluate(Trainee(model), validation, device, mesh)
+        val_loss = evaluate(Trainee(model), validation, device, mesh)["val_loss"]
         small_val_loss, said = small_validation(Trainee(model), small_val, mesh, loader.micro_batch, device)
         losses = []
         for _ in range(STEPS):
             share, _, _ = train_step(Trainee(model), optimizer, loader, device, clip=1.0)
-            losses.append(sum_over_dp(share.item(), mesh))
+            losses.append(sum_over_dp(share["loss"].item(), mesh))
         # numpy: tensors sent back through the queue would live in this process's shared memory
         params = {n: p.detach().full_tensor().numpy().copy() for n, p in model.named_parameters()}
         out.append({"mesh": (dp, tp), "val_loss": val_loss, "losses": losses, "params": params, "targets": my_targets,

@@ -15,7 +15,8 @@ import parallel.layers as layers
 import parallel.mesh as mesh_module
 from llama import ModelArgs, Transformer
 from parallel.devices import device_model, peak_tflops, warn_unknown_device
-from parallel.layers import chunked_cross_entropy, reduce_partial_gradients, vocab_parallel_cross_entropy
+from parallel.layers import reduce_partial_gradients
+from parallel.losses import chunked_cross_entropy, vocab_parallel_cross_entropy
 from parallel.mesh import init_distributed, local_rank, warn_if_tp_crosses_nodes
 from parallel.spawn import run_on_ranks
 from parallel.train_utils import clip_grad_norm_

@@ -150,7 +150,7 @@ def _train(run: Run, data: tuple) -> dict:
             loss, norm, skipped = train_step(trainee, optimizer, loader, "cpu", MAX_NORM)
         comm = counter.summary() if step == 0 and run.name == COUNTED_RUN else comm
         assert not skipped
-        losses.append(sum_over_batch(float(loss), mesh))
+        losses.append(sum_over_batch(float(loss["loss"]), mesh))
         norms.append(float(norm))
     final = {n: _full(p) for n, p in model.named_parameters()}
     return dict(losses=losses, norms=norms, init=init, final=final, optimizer_states=len(optimizer.state),
@@ -195,7 +195,7 @@ def _bf16_run(data: tuple) -> dict:
     optimizer = _optimizer(model)
     loader = DistributedDataLoader(FixedWindows(*data), global_batch=GLOBAL_BATCH, dp_rank=dp_rank(mesh),
                                    dp_size=dp_size(mesh), grad_accum=ACCUM)
-    losses = [sum_over_batch(float(train_step(Trainee(model), optimizer, loader, "cpu", MAX_NORM)[0]), mesh)
+    losses = [sum_over_batch(float(train_step(Trainee(model), optimizer, loader, "cpu", MAX_NORM)[0]["loss"]), mesh)
               for _ in range(STEPS)]
     return {"dtypes": dtypes, "losses": losses}
 
@@ -272,7 +272,7 @@ def one_device() -> dict:
     losses, norms = [], []
     for _ in range(STEPS):
         loss, norm, _ = train_step(Trainee(model), optimizer, loader, "cpu", MAX_NORM)
-        losses.append(float(loss))
+        losses.append(float(loss["loss"]))
         norms.append(float(norm))
     return dict(losses=losses, norms=norms, init=init, final={n: _full(p) for n, p in model.named_parameters()},
                 optimizer_states=[len(optimizer.state)], trainable=[sum(p.requires_grad for p in model.parameters())])

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from llama import PRESETS, ModelArgs, Transformer
-from parallel.layers import head_layout, reduce_partial_gradients, vocab_parallel_cross_entropy
+from parallel.layers import head_layout, reduce_partial_gradients
+from parallel.losses import vocab_parallel_cross_entropy
 from parallel.spawn import run_on_ranks
 from tests.reference import meta_reference_model
 

@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from llama import ModelArgs, Transformer
 from parallel.context import split_for_cp
-from parallel.layers import vocab_parallel_cross_entropy
+from parallel.losses import vocab_parallel_cross_entropy
 from parallel.mesh import batch_mesh, build_mesh, cp_mesh, dp_rank, dp_size
 from parallel.pipeline import (
     PipelineConfig, TransformerStage, check_pipeline, rank_stages, stage_layer_counts, stage_layers)

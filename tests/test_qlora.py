@@ -65,7 +65,7 @@ def _train_one_device(model) -> dict:
 
     optimizer = _optimizer(model)
     loader = DistributedDataLoader(FixedWindows(*windows()), global_batch=GLOBAL_BATCH, grad_accum=ACCUM)
-    losses = [float(train_step(Trainee(model), optimizer, loader, "cpu", MAX_NORM)[0]) for _ in range(STEPS)]
+    losses = [float(train_step(Trainee(model), optimizer, loader, "cpu", MAX_NORM)[0]["loss"]) for _ in range(STEPS)]
     adapters = {n: _full(p) for n, p in model.named_parameters() if p.requires_grad}
     return {"losses": losses, "adapters": adapters}
 
@@ -88,7 +88,7 @@ def _worker(data: tuple) -> dict:
     optimizer = _optimizer(model)
     loader = DistributedDataLoader(FixedWindows(*data), global_batch=GLOBAL_BATCH, dp_rank=dp_rank(mesh),
                                    dp_size=dp_size(mesh), grad_accum=ACCUM)
-    losses = [sum_over_batch(float(train_step(Trainee(model), optimizer, loader, "cpu", MAX_NORM)[0]), mesh)
+    losses = [sum_over_batch(float(train_step(Trainee(model), optimizer, loader, "cpu", MAX_NORM)[0]["loss"]), mesh)
               for _ in range(STEPS)]
     adapters = {n: _full(p) for n, p in model.named_parameters() if p.requires_grad}
     gathered = [None] * dist.get_world_size()

@@ -32,7 +32,8 @@ from llama.data.loader import DistributedDataLoader
 from llama.data.packed import PackedDataset
 from llama.generate import DTYPES, generate, parse_args as generate_args
 from llama.masks import gqa_needs_expanded_kv
-from parallel.layers import head_layout, reduce_partial_gradients, vocab_parallel_cross_entropy
+from parallel.layers import head_layout, reduce_partial_gradients
+from parallel.losses import vocab_parallel_cross_entropy
 from parallel.spawn import run_on_ranks
 from parallel.train_utils import clip_grad_norm_
 from torch.utils._python_dispatch import TorchDispatchMode

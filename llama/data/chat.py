@@ -8,6 +8,8 @@ keys of its first non-empty line (`data_format` forces one for every file):
                        user turn = instruction, + "\\n\\n" + input when input is non-empty
     prompt-completion  {"prompt": "...", "completion": "..."}: one user turn, one assistant turn
     text               {"text": "..."}: a plain document, BOS + text + EOS, trained on all but BOS
+    preference         {"prompt", "chosen", "rejected"}: pairs for DPO, read in llama/data/preference.py;
+                       detected first (a pair has a "prompt" too), never read as SFT data
 
 Other files (.txt, .md, ...) are plain text documents, one per file.
 
@@ -40,14 +42,16 @@ from llama.data.windows import IGNORE_INDEX
 from llama.tokenizer import CHAT_ROLES, Tokenizer, role_and_content
 
 TRAIN_ON = ("assistant", "last", "all")
-DATA_FORMATS = ("auto", "chat", "alpaca", "prompt-completion", "text")
+DATA_FORMATS = ("auto", "chat", "alpaca", "prompt-completion", "text", "preference")
 
-_FORMAT_FIX = {
+FORMAT_FIX = {
     "chat": 'each line must be {"messages": [{"role": "user", "content": "..."}, '
             '{"role": "assistant", "content": "..."}]}',
     "alpaca": 'each line must be {"instruction": "...", "input": "..." (optional), "output": "..."}',
     "prompt-completion": 'each line must be {"prompt": "...", "completion": "..."}',
     "text": 'each line must be {"text": "..."}',
+    "preference": 'each line must be {"prompt": "...", "chosen": "...", "rejected": "..."}, or "prompt" a list '
+                  'of {"role", "content"} messages and "chosen"/"rejected" the assistant reply',
 }
 
 
@@ -105,7 +109,7 @@ def _trained_turns(roles: list[str], train_on: str) -> set[int]:
 # Files: formats, records, bad lines
 
 
-class _BadLine(Exception):
+class BadLine(Exception):
     def __init__(self, reason: str, fix: str):
         super().__init__(reason)
         self.reason, self.fix = reason, fix
@@ -133,65 +137,75 @@ def detect_data_format(path: PathLike, data_format: str = "auto") -> str:
         raise DataError(f"{path}:{lineno}: not valid JSON, cannot detect the data format; fix the line "
                         "or pass the format (--data-format)") from None
     keys = record if isinstance(record, dict) else {}
+    if "chosen" in keys and "rejected" in keys:  # before "prompt": a pair has one too
+        return "preference"
     for fmt, key in (("chat", "messages"), ("alpaca", "instruction"), ("prompt-completion", "prompt"),
                      ("text", "text")):
         if key in keys:
             return fmt
     found = ", ".join(list(keys)[:8]) or f"a JSON {type(record).__name__}"
     raise DataError(f"{path}:{lineno}: cannot detect the data format from the keys ({found}); expected "
-                    '"messages" (chat), "instruction" (alpaca), "prompt" (prompt-completion) or "text", '
-                    "or pass the format (--data-format)")
+                    '"messages" (chat), "instruction" (alpaca), "prompt" (prompt-completion), "text", or '
+                    '"chosen" and "rejected" (preference), or pass the format (--data-format)')
 
 
 def is_chat_data(sources: Sources, data_format: str = "auto") -> bool:
     """True when any source file is a conversation format: train on the
-    conversation cache and ChatDataset rather than the pretraining token cache."""
+    conversation cache and ChatDataset rather than the pretraining token cache.
+    (Preference files count too: the conversation cache refuses them, naming the fix.)"""
     return any(detect_data_format(f, data_format) != "text" for f in find_source_files(sources))
 
 
+def is_preference_data(sources: Sources, data_format: str = "auto") -> bool:
+    """True when any source file holds preference pairs: the pair cache
+    (llama/data/pair_cache.py) reads them, and refuses the other files by name."""
+    return any(detect_data_format(f, data_format) == "preference" for f in find_source_files(sources))
+
+
 def _messages(record, fmt: str) -> list[dict]:
-    """The messages of one parsed record in format `fmt`; _BadLine when malformed."""
-    fix = _FORMAT_FIX[fmt]
+    """The messages of one parsed record in format `fmt`; BadLine when malformed."""
+    fix = FORMAT_FIX[fmt]
     if not isinstance(record, dict):
-        raise _BadLine(f"expected a JSON object, got a JSON {type(record).__name__}", fix)
+        raise BadLine(f"expected a JSON object, got a JSON {type(record).__name__}", fix)
     if fmt == "chat":
-        return _chat_messages(record, fix)
+        return chat_messages(record, fix)
     if fmt == "alpaca":
-        instruction, output = _field(record, "instruction", fix), _field(record, "output", fix)
+        instruction, output = string_field(record, "instruction", fix), string_field(record, "output", fix)
         extra = record.get("input") or ""
         if not isinstance(extra, str):
-            raise _BadLine(f'"input" is a JSON {type(extra).__name__}, expected a string', fix)
+            raise BadLine(f'"input" is a JSON {type(extra).__name__}, expected a string', fix)
         user = instruction + "\n\n" + extra if extra else instruction
         return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
     if fmt == "prompt-completion":
-        return [{"role": "user", "content": _field(record, "prompt", fix)},
-                {"role": "assistant", "content": _field(record, "completion", fix)}]
+        return [{"role": "user", "content": string_field(record, "prompt", fix)},
+                {"role": "assistant", "content": string_field(record, "completion", fix)}]
     raise AssertionError(fmt)
 
 
-def _field(record: dict, key: str, fix: str) -> str:
+def string_field(record: dict, key: str, fix: str) -> str:
     if key not in record:
-        raise _BadLine(f'no "{key}" field (keys: {", ".join(list(record)[:8]) or "none"})', fix)
+        raise BadLine(f'no "{key}" field (keys: {", ".join(list(record)[:8]) or "none"})', fix)
     if not isinstance(record[key], str):
-        raise _BadLine(f'"{key}" is a JSON {type(record[key]).__name__}, expected a string', fix)
+        raise BadLine(f'"{key}" is a JSON {type(record[key]).__name__}, expected a string', fix)
     return record[key]
 
 
-def _chat_messages(record: dict, fix: str) -> list[dict]:
-    if "messages" not in record:
-        raise _BadLine(f'no "messages" field (keys: {", ".join(list(record)[:8]) or "none"})', fix)
-    messages = record["messages"]
+def chat_messages(record: dict, fix: str, key: str = "messages") -> list[dict]:
+    """record[key] checked as a non-empty list of {"role", "content"} messages; BadLine if it is not."""
+    if key not in record:
+        raise BadLine(f'no "{key}" field (keys: {", ".join(list(record)[:8]) or "none"})', fix)
+    messages = record[key]
     if not isinstance(messages, list) or not messages:
-        raise _BadLine('"messages" must be a non-empty list of {"role", "content"} objects', fix)
+        raise BadLine(f'"{key}" must be a non-empty list of {{"role", "content"}} objects', fix)
     for i, message in enumerate(messages, 1):
         if not isinstance(message, dict):
-            raise _BadLine(f"message {i} is a JSON {type(message).__name__}, not an object", fix)
+            raise BadLine(f"message {i} is a JSON {type(message).__name__}, not an object", fix)
         role, content = message.get("role"), message.get("content")
         if role not in CHAT_ROLES:
-            raise _BadLine(f"message {i} has unknown role {role!r}",
+            raise BadLine(f"message {i} has unknown role {role!r}",
                            f"use one of {', '.join(CHAT_ROLES)}")
         if not isinstance(content, str):
-            raise _BadLine(f'message {i} "content" is a JSON {type(content).__name__}, expected a string',
+            raise BadLine(f'message {i} "content" is a JSON {type(content).__name__}, expected a string',
                            "give the text of the message as a string")
     return messages
 
@@ -228,17 +242,22 @@ def part_conversations(part: FilePart, tokenizer: Tokenizer, train_on: str,
             try:
                 record = json.loads(raw)
             except ValueError as e:
-                raise _BadLine(f"not valid JSON ({getattr(e, 'msg', e)})", _FORMAT_FIX[part.fmt]) from None
+                raise BadLine(f"not valid JSON ({getattr(e, 'msg', e)})", FORMAT_FIX[part.fmt]) from None
             messages = _messages(record, part.fmt)
             try:
                 yield encode_conversation(tokenizer, messages, train_on)
             except DataError as e:
                 reason, _, fix = str(e).partition("; ")
-                raise _BadLine(reason, fix or _FORMAT_FIX[part.fmt]) from None
-        except _BadLine as bad:
-            if skip is None:
-                raise DataError(f"{part.path}:{lineno}: {bad.reason}; {bad.fix}, "
-                                "or skip bad lines (--skip-bad-lines)") from None
-            if not skip.count:
-                skip.first = f"line {lineno}: {bad.reason}"
-            skip.count += 1
+                raise BadLine(reason, fix or FORMAT_FIX[part.fmt]) from None
+        except BadLine as bad:
+            skip_or_raise(part, lineno, bad, skip)
+
+
+def skip_or_raise(part: FilePart, lineno: int, bad: BadLine, skip: SkipReport | None) -> None:
+    """A bad line: DataError "FILE:LINE: reason; fix", or counted in `skip` when skipping."""
+    if skip is None:
+        raise DataError(f"{part.path}:{lineno}: {bad.reason}; {bad.fix}, "
+                        "or skip bad lines (--skip-bad-lines)") from None
+    if not skip.count:
+        skip.first = f"line {lineno}: {bad.reason}"
+    skip.count += 1

@@ -5,7 +5,9 @@ token id in the description) is keyed on the sha256 of the source files' bytes,
 the tokenizer's fingerprint, the data format and train_on; like the token cache
 (llama/data/token_cache.py) it is written under temporary names and renamed, so
 build it on one rank, barrier, then open it on all. It is built in `workers`
-worker processes when asked, the same bytes as in one.
+worker processes when asked, the same bytes as in one. The pair cache
+(llama/data/pair_cache.py) is stored the same way, built by the same
+`build_conversation_cache`, two sequences a pair.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -45,14 +47,20 @@ class EncodedConversations:
 
 def encode_chat_chunk(tokenizer: Tokenizer, chunk: list[FilePart], train_on: str,
                       skip_bad_lines: bool) -> EncodedConversations:
-    ids, labels, skips = [], [], []
+    sequences, skips = [], []
     for part in chunk:
         skip = SkipReport() if skip_bad_lines else None
-        for conversation_ids, conversation_labels in part_conversations(part, tokenizer, train_on, skip):
-            ids.append(np.asarray(conversation_ids, dtype=np.int64))
-            labels.append(np.asarray(conversation_labels, dtype=np.int64))
+        sequences += part_conversations(part, tokenizer, train_on, skip)
         if skip is not None:
             skips.append((part.path, skip))
+    return encoded_sequences(sequences, skips, chunk)
+
+
+def encoded_sequences(sequences: list[tuple[list[int], list[int]]], skips: list[tuple[Path, SkipReport]],
+                      chunk: list[FilePart]) -> EncodedConversations:
+    """(ids, labels) sequences as the arrays the cache stores."""
+    ids = [np.asarray(sequence_ids, dtype=np.int64) for sequence_ids, _ in sequences]
+    labels = [np.asarray(sequence_labels, dtype=np.int64) for _, sequence_labels in sequences]
     tokens = np.concatenate(ids).astype(np.uint32) if ids else np.empty(0, np.uint32)
     mask = (np.concatenate(labels) != IGNORE_INDEX).astype(np.uint8) if labels else np.empty(0, np.uint8)
     return EncodedConversations(tokens, mask, np.array([len(i) for i in ids], dtype=np.int64), skips,
@@ -115,6 +123,10 @@ def load_conversation_cache(sources: Sources, tokenizer: Tokenizer, cache_dir: P
     check_train_on(train_on)
     files = find_source_files(sources)
     formats = [detect_data_format(f, data_format) for f in files]
+    for path, fmt in zip(files, formats):
+        if fmt == "preference":
+            raise DataError(f"{path}: is preference data (prompt/chosen/rejected), not SFT data: train it with "
+                            "--objective dpo, or give chat, alpaca or prompt-completion records for SFT")
     stats = source_stats(files)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(sources)
     roots = sources if not isinstance(sources, (str, os.PathLike)) else [sources]
@@ -123,11 +135,12 @@ def load_conversation_cache(sources: Sources, tokenizer: Tokenizer, cache_dir: P
     key = sha256_hex(str(CHAT_CACHE_VERSION), json.dumps(stats), json.dumps(formats), tokenizer.fingerprint,
                      *settings)
     meta_path = cache_dir / f"{slot}.chat.json"
-    cache = _open_chat_cache(meta_path, key, files)
+    cache = read_conversation_cache(meta_path, key, files)
     if cache is None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        cache = _build_chat_cache(files, formats, stats, tokenizer, meta_path, key, train_on, skip_bad_lines,
-                                  quiet=quiet, workers=workers)
+        encode = partial(encode_chat_chunk, train_on=train_on, skip_bad_lines=skip_bad_lines)
+        cache = build_conversation_cache(files, formats, stats, tokenizer, meta_path, key, encode,
+                                         lambda: {"train_on": train_on}, quiet=quiet, workers=workers)
     elif not quiet:
         log(f"conversation cache hit: {meta_path} ({cache.num_conversations:,} conversations, "
             f"{len(cache.tokens):,} tokens from {len(files)} files)")
@@ -139,10 +152,11 @@ def load_conversation_cache(sources: Sources, tokenizer: Tokenizer, cache_dir: P
 def open_conversation_cache(meta_path: PathLike, sources: Sources) -> ConversationCache:
     """The cache at `meta_path`, as rank 0 just built or found it, without hashing the
     sources again (see llama.data.token_cache.open_token_cache)."""
-    return open_built_cache(meta_path, sources, _open_chat_cache, "conversation cache")
+    return open_built_cache(meta_path, sources, read_conversation_cache, "conversation cache")
 
 
-def _open_chat_cache(meta_path: Path, key: str, files: list[Path]) -> ConversationCache | None:
+def read_conversation_cache(meta_path: Path, key: str, files: list[Path]) -> ConversationCache | None:
+    """The cache at `meta_path` if it is complete and its key is `key`, else None (build it)."""
     tokens_path, mask_path, offsets_path = _chat_cache_paths(meta_path)
     try:
         meta = json.loads(meta_path.read_text())
@@ -176,19 +190,23 @@ class _ConversationWriter:
         self.max_token_id = max(self.max_token_id, largest_token_id(encoded.tokens))
 
 
-def _build_chat_cache(files: list[Path], formats: list[str], stats: list, tokenizer: Tokenizer,
-                      meta_path: Path, key: str, train_on: str, skip_bad_lines: bool, *, quiet: bool,
-                      workers: int) -> ConversationCache:
+def build_conversation_cache(files: list[Path], formats: list[str], stats: list, tokenizer: Tokenizer,
+                             meta_path: Path, key: str, encode: Callable, extra_meta: Callable[[], dict], *,
+                             quiet: bool, workers: int, unit: str = "conversations", per_item: int = 1,
+                             on_chunk: Callable[[EncodedConversations], None] | None = None) -> ConversationCache:
+    """Encode `files` into the cache at `meta_path`, `encode(tokenizer, chunk)` giving each
+    chunk's EncodedConversations (a picklable function: workers run it). `per_item`
+    sequences make one of `unit` in the progress lines (2 for pairs); `on_chunk` sees each
+    chunk as it is written, and `extra_meta()`, called after the last, adds to the description."""
     paths = _chat_cache_paths(meta_path)
     meta_path.unlink(missing_ok=True)  # the old cache is invalid from now on
     tmp = f".tmp{os.getpid()}"
     tmps = [p.with_name(p.name + tmp) for p in paths]
     total_bytes = sum(size for _, size, _ in stats)
-    progress = Progress("encoding", total_bytes, unit="conversations", quiet=quiet)
+    progress = Progress("encoding", total_bytes, unit=unit, quiet=quiet)
     workers = useful_workers(workers, total_bytes)
     skips = {path: SkipReport() for path in files}
     chunks = chunks_of_parts(part for path, fmt in zip(files, formats) for part in read_parts(path, fmt))
-    encode = partial(encode_chat_chunk, train_on=train_on, skip_bad_lines=skip_bad_lines)
     bytes_done = 0
     try:
         with open(tmps[0], "wb") as tokens_out, open(tmps[1], "wb") as mask_out:
@@ -197,10 +215,12 @@ def _build_chat_cache(files: list[Path], formats: list[str], stats: list, tokeni
                 writer.write(encoded)
                 for path, skip in encoded.skips:
                     skips[path].add(skip)
+                if on_chunk is not None:
+                    on_chunk(encoded)
                 bytes_done += encoded.num_bytes
-                progress.update(bytes_done, writer.num_conversations, writer.num_tokens)
+                progress.update(bytes_done, writer.num_conversations // per_item, writer.num_tokens)
         if not writer.num_conversations:
-            raise DataError(f"{describe_files(files)}: empty corpus, no conversation to train on; add data")
+            raise DataError(f"{describe_files(files)}: empty corpus, no {unit} to train on; add data")
         offsets = np.concatenate([[0], np.cumsum(np.concatenate(writer.lengths))]).astype(np.int64)
         with open(tmps[2], "wb") as f:
             np.save(f, offsets)
@@ -214,12 +234,12 @@ def _build_chat_cache(files: list[Path], formats: list[str], stats: list, tokeni
     skipped = {str(path): [skip.count, skip.first] for path, skip in skips.items() if skip.count}
     meta = {"version": CHAT_CACHE_VERSION, "key": key, "tokenizer": tokenizer.fingerprint,
             "num_tokens": writer.num_tokens, "num_conversations": writer.num_conversations, "pad_id": pad_id,
-            "max_token_id": writer.max_token_id, "train_on": train_on, "formats": formats, "skipped": skipped}
+            "max_token_id": writer.max_token_id, **extra_meta(), "formats": formats, "skipped": skipped}
     meta_tmp = meta_path.with_name(meta_path.name + tmp)
     meta_tmp.write_text(json.dumps(meta))
     os.replace(meta_tmp, meta_path)  # written last: it marks the cache complete
-    progress.finish(build_summary("encoded", len(files), writer.num_conversations, writer.num_tokens, progress,
-                                  workers, meta_path))
+    progress.finish(build_summary("encoded", len(files), writer.num_conversations // per_item, writer.num_tokens,
+                                  progress, workers, meta_path))
     return ConversationCache(np.memmap(paths[0], dtype="<u4", mode="r"),
                              np.memmap(paths[1], dtype=np.uint8, mode="r"), offsets, files, meta_path,
                              hit=False, pad_id=pad_id, skipped=skipped, max_token_id=writer.max_token_id)

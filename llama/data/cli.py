@@ -6,8 +6,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from llama.data.chat import DATA_FORMATS, TRAIN_ON, is_chat_data
+from llama.data.chat import DATA_FORMATS, TRAIN_ON, is_chat_data, is_preference_data
 from llama.data.chat_cache import load_conversation_cache
+from llama.data.pair_cache import load_pair_cache
 from llama.data.errors import DataError
 from llama.data.files import PathLike, default_corpus_paths
 from llama.data.token_cache import load_token_cache
@@ -19,7 +20,8 @@ Tokenize a corpus ahead of training, on every core, into exactly the cache that
 train.py opens for the same --data, --tokenizer, --cache-dir, --data-format,
 --train-on, --skip-bad-lines and --val-data: train.py then starts without
 tokenizing. Chat and instruction .jsonl data go to the conversation cache, as in
-train.py. The cache is the same byte for byte whatever the number of workers.
+train.py; preference pairs ({"prompt", "chosen", "rejected"}, for --objective dpo)
+to the pair cache. The cache is the same byte for byte whatever the number of workers.
 
   python -m llama.data prepare --data corpus/ --tokenizer tokenizer.model
 """
@@ -31,10 +33,14 @@ def prepare(data: Sequence[PathLike] | None, tokenizer: Tokenizer, cache_dir: Pa
     """The caches train.py's build_data opens for the same settings, built if missing:
     [train cache] or [train cache, validation cache]. Each worker uses one core."""
     sources = data or default_corpus_paths()
-    chat = is_chat_data(sources, data_format)  # as in train.py: the training data decides for both
+    # as in train.py: the training data decides for both
+    pairs, chat = is_preference_data(sources, data_format), is_chat_data(sources, data_format)
     caches = []
     for paths in [sources] + ([val_data] if val_data else []):
-        if chat:
+        if pairs:
+            caches.append(load_pair_cache(paths, tokenizer, cache_dir, data_format=data_format,
+                                          skip_bad_lines=skip_bad_lines, quiet=quiet, workers=workers))
+        elif chat:
             caches.append(load_conversation_cache(
                 paths, tokenizer, cache_dir, data_format=data_format, train_on=train_on,
                 skip_bad_lines=skip_bad_lines, quiet=quiet, workers=workers))
@@ -55,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="tokenizer.model (Llama 3 or 2) or 'bytes', as given to train.py (default: %(default)s)")
     p.add_argument("--cache-dir", help="token cache directory (default: .token_cache next to the data)")
     p.add_argument("--data-format", default="auto", choices=DATA_FORMATS,
-                   help=".jsonl format: chat messages, alpaca, prompt-completion or text (default: detected per file)")
+                   help=".jsonl format: chat messages, alpaca, prompt-completion, text or preference pairs "
+                        "(default: detected per file)")
     p.add_argument("--train-on", default="assistant", choices=TRAIN_ON,
                    help="chat data: which tokens the loss applies to (default: %(default)s)")
     p.add_argument("--skip-bad-lines", action="store_true",

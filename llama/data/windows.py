@@ -5,8 +5,9 @@ cuts its data into windows and builds one window's row; `WindowDataset` visits
 them in a seeded random order, a fresh permutation per epoch
 (`Permutation(num_windows, seed, epoch)`, computed per lookup in O(1) memory),
 and slices a dp rank's micro-batch out of consecutive global samples.
-A batch is `Batch(inputs, targets, document_ids)`; targets are IGNORE_INDEX
-where the loss does not apply (chat data only).
+A batch is `Batch(inputs, targets, document_ids, pair_ids)`; targets are IGNORE_INDEX
+where the loss does not apply (chat data only); pair_ids name the preference pairs
+of a `PairDataset` batch (llama/data/pair_dataset.py) and are None elsewhere.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class Batch(NamedTuple):
     inputs: torch.Tensor
     targets: torch.Tensor  # IGNORE_INDEX where the loss does not apply
     document_ids: Optional[torch.Tensor]  # non-decreasing per row from 0; None without document masking
+    pair_ids: Optional[torch.Tensor] = None  # preference data: int64 [micro_batch], rows 2j and 2j + 1 are
+    #                                          pair pair_ids[j] (-1: a padding pair); None for other data
 
 
 Row = tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]  # one sample's inputs, targets, document ids

@@ -1,4 +1,4 @@
-"""Validation: the mean loss over a fixed set of held-out batches, the same on any mesh,
+"""Validation: the mean loss (and the objective's metrics) over a fixed set of held-out batches, the same on any mesh,
 and when a run computes it (every --eval-every steps and at the last step)."""
 
 from typing import Optional
@@ -11,18 +11,22 @@ from parallel.mesh import batch_mesh
 from .step import Trainee, to_device
 
 
-def evaluate(trainee: Trainee, batches: list, device, mesh) -> float:
-    """Mean loss per target token over the fixed validation batches of every dp rank: the
-    same on any mesh, as the set of samples does not depend on it."""
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, targets
+def evaluate(trainee: Trainee, batches: list, device, mesh) -> dict:
+    """{"val_loss": the mean loss per target token (per pair under DPO), and the objective's
+    metrics as val_<name>} over the fixed validation batches of every dp rank: the same on
+    any mesh, as the set of samples does not depend on it."""
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, what it counts
     for batch in (to_device(b, device) for b in batches):
-        loss, targets = trainee.loss_sum(batch)
+        loss, counted = trainee.loss_sum(batch)
         totals[0] += loss.double()
-        totals[1] += targets
+        totals[1] += counted
+    metrics = trainee.objective.take_metrics()  # their sums over the same pairs
+    totals = torch.cat([totals, torch.stack(list(metrics.values())).double()]) if metrics else totals
     group = batch_mesh(mesh)
     if group.size() > 1:
         dist.all_reduce(totals, group=group.get_group())
-    return (totals[0] / totals[1].clamp(min=1)).item()
+    means = (totals / totals[1].clamp(min=1)).tolist()
+    return {"val_loss": means[0], **{f"val_{name}": value for name, value in zip(metrics, means[2:])}}
 
 
 class Validation:
@@ -35,11 +39,11 @@ class Validation:
     def __bool__(self) -> bool:
         return bool(self.batches)
 
-    def run(self) -> float:
+    def run(self) -> dict:
         return evaluate(self.trainee, self.batches, self.device, self.mesh)
 
-    def maybe_run(self, step: int) -> Optional[float]:
-        """The validation loss after `step` when it is due, else None."""
+    def maybe_run(self, step: int) -> Optional[dict]:
+        """The validation loss (and metrics) after `step` when it is due, else None."""
         if self.batches and (step % self.every == 0 or step == self.last_step):
             return self.run()
         return None

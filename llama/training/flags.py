@@ -11,7 +11,11 @@ from parallel.fsdp import STRATEGIES
 from parallel.pipeline import add_pipeline_arguments
 
 from .preemption import PREEMPTED_EXIT_CODE
+from .preference import DPO_LOSSES, DPOConfig
 from .run_config import parse_with_config
+
+OBJECTIVES = ("cross-entropy", "dpo")
+
 
 def build_parser(description: str = None) -> argparse.ArgumentParser:
     """description: what --help prints above the flags (train.py gives its docstring)."""
@@ -69,11 +73,23 @@ def build_parser(description: str = None) -> argparse.ArgumentParser:
                    help="with --lora-rank, the frozen base's storage: nf4 (QLoRA: the seven projections' weights 4-bit "
                         "NormalFloat, double quantised, each rank quantising its tp shard; needs pip install -e '.[qlora]') "
                         "(default: as --dtype stores it)")
+    a = p.add_argument_group("objective")
+    a.add_argument("--objective", default="cross-entropy", choices=OBJECTIVES,
+                   help="cross-entropy: next-token loss (pretraining, SFT); dpo: direct preference optimisation on "
+                        "{prompt, chosen, rejected} .jsonl pairs (default: %(default)s)")
+    a.add_argument("--dpo-beta", type=float, default=0.1, help="DPO: how far the policy may move from the reference (default: %(default)s)")
+    a.add_argument("--dpo-loss", default="sigmoid", choices=DPO_LOSSES,
+                   help="DPO: sigmoid (Rafailov et al.) or ipo (Azar et al.) (default: %(default)s)")
+    a.add_argument("--dpo-label-smoothing", type=float, default=0.0,
+                   help="DPO: the assumed fraction of mislabelled pairs (cDPO), sigmoid only (default: %(default)s)")
+    a.add_argument("--reference", help="DPO: the reference model's converted checkpoint; its log-probabilities are "
+                                       "computed once and stored in SAVE_DIR/reference (default: the starting "
+                                       "model; under --lora-rank the base with the adapters off)")
     a = p.add_argument_group("batch")
     a.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: %(default)s)")
     a.add_argument("--micro-batch", type=int, default=4,
-                   help="sequences per dp rank per micro-step; with --pp, per pipeline micro-batch (default: %(default)s)")
-    a.add_argument("--global-batch", type=int, help="sequences per optimizer step; overrides --micro-batch "
+                   help="sequences (DPO: pairs) per dp rank per micro-step; with --pp, per pipeline micro-batch (default: %(default)s)")
+    a.add_argument("--global-batch", type=int, help="sequences (DPO: pairs) per optimizer step; overrides --micro-batch "
                                                    "(default: micro-batch x dp x grad-accum, x pp-microbatches with --pp)")
     a.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default: %(default)s)")
     a = p.add_argument_group("optimisation")
@@ -124,6 +140,13 @@ def parse_args(argv=None, description: str = None) -> argparse.Namespace:
         parser.error(str(e))
     if opts.base_dtype is not None and not opts.lora_rank:
         parser.error(f"--base-dtype {opts.base_dtype} stores a frozen base: it needs --lora-rank R (QLoRA)")
+    if opts.objective == "dpo":
+        try:
+            DPOConfig.from_options(opts)
+        except ValueError as e:
+            parser.error(str(e))
+    elif opts.reference:
+        parser.error("--reference names DPO's reference model: it needs --objective dpo")
     if opts.val_data and opts.val_fraction:
         parser.error("--val-data and --val-fraction both choose the validation set; give one")
     return opts

@@ -18,6 +18,13 @@ TENSORBOARD_TAGS = {
     "mfu": "speed/mfu",
     "memory_gb": "memory/gb",
     "skipped_steps": "train/skipped_steps",
+    # DPO (llama/training/preference.py)
+    "reward_chosen": "train/reward_chosen",
+    "reward_rejected": "train/reward_rejected",
+    "reward_margin": "train/reward_margin",
+    "reward_accuracy": "train/reward_accuracy",
+    "val_reward_margin": "val/reward_margin",
+    "val_reward_accuracy": "val/reward_accuracy",
 }
 
 
@@ -87,6 +94,10 @@ class MetricsLog:
 
 def log_line(record: dict) -> str:
     val = f" | val loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+    if "reward_accuracy" in record:  # DPO: how often the chosen reply wins, and by how much
+        val += f" | reward acc {record['reward_accuracy']:.3f} margin {record['reward_margin']:.3f}"
+    if "val_reward_accuracy" in record:
+        val += f" | val reward acc {record['val_reward_accuracy']:.3f}"
     mfu = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.1f}%"
     skipped = f" | {record['skipped_steps']} skipped" if record.get("skipped_steps") else ""
     return (

@@ -15,7 +15,7 @@ from parallel.layers import sum_adapter_gradients
 from parallel.pipeline import Pipeline
 from parallel.train_utils import clip_grad_norm_
 
-from .objective import NextTokenLoss
+from .objective import NextTokenLoss, Objective
 
 NONFINITE_EXIT_CODE = 4  # --max-skips consecutive non-finite steps; the newest checkpoint predates them
 
@@ -30,22 +30,25 @@ class Trainee:
     model: torch.nn.Module
     pipeline: Optional[Pipeline] = None
     cp: object = None
-    objective: NextTokenLoss = field(default_factory=NextTokenLoss)
+    objective: Objective = field(default_factory=NextTokenLoss)  # or preference.PreferenceLoss
 
     def split(self, batch: Batch) -> Batch:
         """This cp rank's part of every sequence (the loader gives whole sequences)."""
         if self.cp is None:
             return batch
-        return Batch(*(None if t is None else split_for_cp(t, self.cp) for t in batch))
+        inputs, targets, document_ids = (None if t is None else split_for_cp(t, self.cp) for t in batch[:3])
+        return batch._replace(inputs=inputs, targets=targets, document_ids=document_ids)
 
     def loss_share(self, batch: Batch, step_divisor: float) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns its summed loss over
         `step_divisor` (0 on pipeline ranks without the last stage)."""
         batch = self.split(batch)
+        targets = self.objective.targets(batch)
         if self.pipeline is not None:
-            return self.pipeline.step(batch.inputs, batch.targets, batch.document_ids, step_divisor)
+            return self._pipeline_run(self.pipeline.step, batch, targets, step_divisor)
+        self.objective.before_forward(self.model, batch)
         logits = self.model(batch.inputs, document_ids=batch.document_ids)
-        loss = self.objective.summed(logits, batch) / step_divisor
+        loss = self.objective.summed(logits, targets) / step_divisor
         loss.backward()
         return loss.detach()
 
@@ -54,21 +57,33 @@ class Trainee:
         """(summed loss, what it counts) of a batch, forward only, on this rank's part of
         it; both 0 on pipeline ranks without the last stage."""
         batch = self.split(batch)
+        targets = self.objective.targets(batch)
         if self.pipeline is not None:
-            loss = self.pipeline.eval_loss_sum(batch.inputs, batch.targets, batch.document_ids)
+            loss = self._pipeline_run(self.pipeline.eval_loss_sum, batch, targets)
             if not self.pipeline.last:
                 return loss, 0
         else:
-            loss = self.objective.summed(self.model(batch.inputs, document_ids=batch.document_ids), batch)
+            self.objective.before_forward(self.model, batch)
+            loss = self.objective.summed(self.model(batch.inputs, document_ids=batch.document_ids), targets)
         return loss, self.objective.counted(batch)
+
+    def _pipeline_run(self, run, batch: Batch, targets: torch.Tensor, *divisor) -> torch.Tensor:
+        """The schedule's run of a batch with the objective as its loss. On its first run
+        torch's pipelining calls the loss once more, to infer the gradients' shapes, before
+        the micro-batches' own calls: their metrics alone are kept."""
+        self.pipeline.loss.summed = self.objective.summed
+        before = self.objective.calls()
+        loss = run(batch.inputs, targets, batch.document_ids, *divisor)
+        self.objective.keep_calls(before, self.pipeline.microbatches if self.pipeline.last else 0)
+        return loss
 
 
 def train_step(trainee: Trainee, optimizer, loader: DistributedDataLoader, device, clip: float, poison: bool = False):
-    """One optimizer step over the loader's next global batch. Returns this rank's share of
-    the step's mean loss (the shares add up over pp, dp and cp ranks), the gradient norm,
-    and whether the update was skipped for a non-finite gradient norm (1.0) or not (0.0),
-    all as device tensors: nothing here waits for the device, so read them only on log
-    steps. poison: tests make this rank's loss NaN."""
+    """One optimizer step over the loader's next global batch. Returns this rank's shares of
+    the step's means, {"loss": ..., and the objective's metrics} (the shares add up over pp,
+    dp and cp ranks), the gradient norm, and whether the update was skipped for a
+    non-finite gradient norm (1.0) or not (0.0), all as device tensors: nothing here waits
+    for the device, so read them only on log steps. poison: tests make this rank's loss NaN."""
     loss_sum = torch.zeros((), device=device)
     # what the whole step's mean divides by, over every dp rank and micro-step: each rank's
     # summed loss over it is its share of the step's mean, whatever the mesh
@@ -85,6 +100,7 @@ def train_step(trainee: Trainee, optimizer, loader: DistributedDataLoader, devic
         upcoming = None if last else to_device(next(loader), device)
         loss_sum += trainee.loss_share(batch, step_divisor)
         batch = upcoming
+    shares = {"loss": loss_sum, **{name: value / step_divisor for name, value in trainee.objective.take_metrics().items()}}
     sum_adapter_gradients(trainee.model)  # LoRA under tp: the replicated factors' shares, once a step
     grad_norm = clip_grad_norm_(trainee.model, clip if clip > 0 else None)
     # A non-finite loss on any rank makes the global grad norm non-finite on every rank, so
@@ -97,7 +113,7 @@ def train_step(trainee: Trainee, optimizer, loader: DistributedDataLoader, devic
     elif not skipped.item():
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm, skipped
+    return shares, grad_norm, skipped
 
 
 def to_device(batch: Batch, device) -> Batch:

@@ -49,8 +49,11 @@ def machine_peak_tflops(opts, device) -> Optional[float]:
 def run_banner(opts, args: ModelArgs, mesh, global_batch: int, num_samples: int, data_summary: list) -> str:
     """The lines a run starts with: the model, the mesh, the batch and the data."""
     mesh_shape = " x ".join(f"{n} {s}" for n, s in zip(mesh.mesh_dim_names, mesh.mesh.shape))
-    first = (f"model {opts.checkpoint or opts.preset}: {args.num_params():,} params | mesh {mesh_shape} | "
-             f"global batch {global_batch} x {opts.seq_len} tokens | {num_samples} samples/epoch")
+    if getattr(opts, "objective", None) == "dpo":
+        batch = f"global batch {global_batch} pairs x 2 x {opts.seq_len} tokens | {num_samples} pairs/epoch"
+    else:
+        batch = f"global batch {global_batch} x {opts.seq_len} tokens | {num_samples} samples/epoch"
+    first = f"model {opts.checkpoint or opts.preset}: {args.num_params():,} params | mesh {mesh_shape} | {batch}"
     return "\n".join([first, *data_summary])
 
 
@@ -62,7 +65,8 @@ class StepLog:
     def __init__(self, opts, args: ModelArgs, mesh, device, global_batch: int, last_step: int, resumed_at: Optional[int]):
         self.mesh, self.device, self.last_step, self.every = mesh, device, last_step, opts.log_every
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.tokens_per_step = global_batch * opts.seq_len
+        rows = 2 if getattr(opts, "objective", None) == "dpo" else 1  # a DPO sample is a pair of sequences
+        self.tokens_per_step = global_batch * rows * opts.seq_len
         self.flops_per_token = args.training_flops_per_token(opts.seq_len)
         self.show_bar = self.rank == 0 and sys.stdout.isatty()
         self.metrics = None
@@ -97,22 +101,27 @@ class StepLog:
         finally:
             self.window_start += time.perf_counter() - start
 
-    def validation(self, step: int, val_loss: float) -> None:
-        self.print(f"step {step:5d} | val loss {val_loss:.4f}")
+    def validation(self, step: int, val: dict) -> None:
+        """val: {"val_loss": ..., and the objective's val_ metrics} (evaluation.evaluate)."""
+        extra = "".join(f" | {name[4:].replace('_', ' ')} {value:.4f}" for name, value in val.items() if name != "val_loss")
+        self.print(f"step {step:5d} | val loss {val['val_loss']:.4f}{extra}")
         if self.metrics is not None:
-            self.metrics.write({"step": step, "val_loss": val_loss})
+            self.metrics.write({"step": step, **val})
 
-    def step(self, step: int, lr: float, loss_share: torch.Tensor, grad_norm: torch.Tensor, val_loss: Optional[float],
+    def step(self, step: int, lr: float, loss_share: dict, grad_norm: torch.Tensor, val: Optional[dict],
              samples_seen: int, skipped: SkippedSteps) -> None:
         """After every step: the log line and metrics row when due (the only host reads of
-        the step's tensors), or the validation line; then the progress bar."""
+        the step's tensors), or the validation line; then the progress bar. loss_share:
+        this rank's shares of the step's means, {"loss": ..., and the objective's metrics}
+        (train_step); val: the validation's means (evaluation.evaluate) or None."""
         self.window_steps += 1
         if self.due(step):
             elapsed = time.perf_counter() - self.window_start
             tokens_per_s = self.tokens_per_step * self.window_steps / elapsed
+            means = dict(zip(loss_share, sum_over_batch([float(v) for v in loss_share.values()], self.mesh)))
             self.last = {
                 "step": step,
-                "loss": sum_over_batch(loss_share.item(), self.mesh),  # the shares add up to the step's mean
+                "loss": means.pop("loss"),  # the shares add up to the step's mean
                 "lr": lr,
                 "grad_norm": float(grad_norm),
                 "tokens_per_s": tokens_per_s,
@@ -121,15 +130,16 @@ class StepLog:
                 "memory_gb": memory_gb(self.device),
                 "samples_seen": samples_seen,
                 "skipped_steps": skipped.total(),
+                **means,  # the objective's metrics (DPO's rewards)
             }
-            if val_loss is not None:
-                self.last["val_loss"] = val_loss
+            if val is not None:
+                self.last.update(val)
             self.print(log_line(self.last))
             if self.metrics is not None:
                 self.metrics.write(self.last)
             self.window_start, self.window_steps = time.perf_counter(), 0
-        elif val_loss is not None:
-            self.validation(step, val_loss)
+        elif val is not None:
+            self.validation(step, val)
         if self.show_bar:
             print(f"\r{progress_bar(step, self.last_step):<{BAR_WIDTH}}", end="", flush=True)
 

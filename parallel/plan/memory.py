@@ -10,7 +10,7 @@ from typing import Callable, Optional
 from llama.config import ModelArgs
 
 from ..fsdp import checkpointed_blocks
-from ..layers import CROSS_ENTROPY_CHUNK_BYTES
+from ..losses import CROSS_ENTROPY_CHUNK_BYTES
 from .config import StepConfig
 from .layout import PipelineRank, whole_model
 from .lora import lora_block_activation_bytes, nf4_dequantize_bytes, quantized_weights
