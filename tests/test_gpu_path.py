@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import parallel.devices as devices
-import parallel.layers as layers
+import parallel.losses as losses
 import parallel.mesh as mesh_module
 from llama import ModelArgs, Transformer
 from parallel.devices import device_model, peak_tflops, warn_unknown_device
@@ -314,7 +314,7 @@ class LargestFloat32(TorchDispatchMode):
 
 def test_tp1_cross_entropy_never_holds_the_whole_sequence_in_fp32(monkeypatch):
     tokens, vocab, chunk = 512, 1000, 64
-    monkeypatch.setattr(layers, "CROSS_ENTROPY_CHUNK_BYTES", chunk * vocab * 4)
+    monkeypatch.setattr(losses, "CROSS_ENTROPY_CHUNK_BYTES", chunk * vocab * 4)
     torch.manual_seed(2)
     logits = torch.randn(1, tokens, vocab).to(torch.bfloat16).requires_grad_()
     targets = torch.randint(0, vocab, (1, tokens))

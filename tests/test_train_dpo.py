@@ -115,3 +115,10 @@ def test_dpo_flags_are_checked_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_the_planner_counts_a_dpo_micro_batch_of_pairs_as_twice_the_sequences():
+    from parallel.plan.config import StepConfig
+
+    assert StepConfig.from_options(parse_args(["--objective", "dpo", "--micro-batch", "2"])).batch == 4
+    assert StepConfig.from_options(parse_args(["--micro-batch", "2"])).batch == 2

@@ -75,10 +75,13 @@ class StepConfig:
     def from_options(cls, opts: argparse.Namespace) -> "StepConfig":
         """What train.py's flags run on a GPU (bf16 unless --dtype says otherwise), with its
         --lora-* flags, and --base-dtype nf4 where train.py has that flag (QLoRA); any other
-        base dtype plans the base as build_parallel_model stores it."""
+        base dtype plans the base as build_parallel_model stores it. Under --objective dpo
+        --micro-batch counts pairs, two sequences each."""
         lora = LoRAConfig.from_options(opts)
         base_dtype = getattr(opts, "base_dtype", None)
-        return cls(opts.seq_len, opts.micro_batch, opts.grad_accum, opts.sequence_parallel, opts.dtype or "bf16",
+        # --objective dpo: a micro-batch of P pairs is one forward of 2P sequences
+        sequences = opts.micro_batch * (2 if getattr(opts, "objective", None) == "dpo" else 1)
+        return cls(opts.seq_len, sequences, opts.grad_accum, opts.sequence_parallel, opts.dtype or "bf16",
                    opts.activation_checkpointing, opts.document_masking,
                    lora_rank=lora.rank if lora else 0, lora_targets=lora.targets if lora else TARGETS,
                    lora_dropout=lora.dropout if lora else 0.0, base_dtype=base_dtype if base_dtype in BASE_DTYPES else None)
