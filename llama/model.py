@@ -33,6 +33,7 @@ from parallel.layers import (
     head_layout,
     local_tensor,
     sequence_parallel_weight,
+    shared_input_linears,
     sharded_parameter,
     tp_size,
 )
@@ -126,9 +127,10 @@ class Attention(nn.Module):
     ):
         x = self.enter(x)
         bsz, seqlen, _ = x.shape
-        xq = self.wq(x).view(bsz, seqlen, self.layout.n_local_heads, self.head_dim)
-        xk = self.wk(x).view(bsz, seqlen, self.layout.n_local_kv_heads, self.head_dim)
-        xv = self.wv(x).view(bsz, seqlen, self.layout.n_local_kv_heads, self.head_dim)
+        xq, xk, xv = shared_input_linears(x, self.wq, self.wk, self.wv)  # LoRA: one x A^T for the three
+        xq = xq.view(bsz, seqlen, self.layout.n_local_heads, self.head_dim)
+        xk = xk.view(bsz, seqlen, self.layout.n_local_kv_heads, self.head_dim)
+        xv = xv.view(bsz, seqlen, self.layout.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
         if cp_size(self.cp_mesh) > 1:
             # this rank's queries read the whole sequence's keys and values: one all-gather
@@ -178,7 +180,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.enter(x)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = shared_input_linears(x, self.w1, self.w3)  # LoRA: one x A^T for both
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

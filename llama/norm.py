@@ -25,7 +25,9 @@ class RMSNormFunction(torch.autograd.Function):
         # dw = sum over tokens of grad * xhat
         x, weight, rstd = ctx.saved_tensors
         xhat = x * rstd
-        grad_weight = (grad * xhat).sum(dim=tuple(range(grad.dim() - 1)))
+        grad_weight = None  # a frozen weight (LoRA) gets none: one pass over (tokens, dim) less
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * xhat).sum(dim=tuple(range(grad.dim() - 1)))
         g = grad * weight
         mean_g_xhat = torch.linalg.vecdot(g, xhat).div_(x.shape[-1]).unsqueeze(-1)
         grad_x = g.sub_(xhat.mul_(mean_g_xhat)).mul_(rstd)

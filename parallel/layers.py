@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from parallel.compat import all_gather_along, all_reduce_sum, reduce_scatter_along
+from parallel.lora_layers import LoRA, LoRAOperands, linears_with_lora
 
 SEQ_DIM = 1  # activations are (batch, seq, features)
 
@@ -268,16 +269,6 @@ def check_tp_divides_heads(n_heads: int, tp: int) -> None:
         )
 
 
-@dataclass(frozen=True)
-class LoRA:
-    """A low-rank update of a frozen linear layer (Hu et al. 2021): y = x W^T + scale *
-    dropout(x) A^T B^T, A of shape (rank, in), B of shape (out, rank)."""
-
-    rank: int
-    scale: float
-    dropout: float = 0.0
-
-
 def _nf4_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x W^T with W a frozen NF4 shard (QLoRA, llama/qlora.py): torchao's linear_nf4
     dequantises W to x's dtype for the matmul, and again in backward, saving only the NF4
@@ -285,19 +276,6 @@ def _nf4_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
 
     return linear_nf4(x, weight)
-
-
-def _lora_input(x: torch.Tensor, lora: LoRA, training: bool) -> torch.Tensor:
-    return F.dropout(x, lora.dropout, training) if lora.dropout else x
-
-
-def _plus_lora_update(y: torch.Tensor, x_a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """y + scale * x_a B^T as one addmm (beta 1, alpha scale): the product accumulates into
-    a copy of y inside the GEMM, so neither the (tokens, out) product nor its scaled copy is
-    materialised, and backward scales only the small (tokens, rank) and (rank, out) factors'
-    gradients, not the (tokens, out) one."""
-    out = torch.addmm(y.reshape(-1, y.shape[-1]), x_a.reshape(-1, x_a.shape[-1]), b.t(), alpha=scale)
-    return out.view(y.shape)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -327,21 +305,39 @@ class ColumnParallelLinear(nn.Module):
         rows = Replicate() if self.replicated_rows is not None else Shard(0)
         self.lora_b = sharded_parameter((out_features, lora.rank), self.tp_mesh, rows)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def local_weight(self) -> torch.Tensor:
         if self.nf4:  # quantised from this rank's rows only (its replicated_rows too)
-            y = _nf4_linear(x, self.weight)
-        elif self.replicated_rows is None:
-            y = F.linear(x, local_tensor(self.weight))
-        else:
-            start, stop = self.replicated_rows
-            y = F.linear(x, local_tensor(self.weight, partial_grad=True)[start:stop])
-        if self.lora is None:
-            return y
+            return self.weight
+        if self.replicated_rows is None:
+            return local_tensor(self.weight)
+        start, stop = self.replicated_rows
+        return local_tensor(self.weight, partial_grad=True)[start:stop]
+
+    def lora_operands(self) -> LoRAOperands:
         b = local_tensor(self.lora_b)
         if self.replicated_rows is not None:
             b = b[self.replicated_rows[0] : self.replicated_rows[1]]  # its share: sum_adapter_gradients
-        x_a = F.linear(_lora_input(x, self.lora, self.training), local_tensor(self.lora_a))
-        return _plus_lora_update(y, x_a, b, self.lora.scale)
+        return LoRAOperands(self.local_weight(), local_tensor(self.lora_a), b, self.nf4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora is not None:
+            return linears_with_lora(x, [self.lora_operands()], self.lora, self.training)[0]
+        if self.nf4:
+            return _nf4_linear(x, self.weight)
+        return F.linear(x, self.local_weight())
+
+
+def shared_input_linears(x: torch.Tensor, *layers: ColumnParallelLinear) -> list:
+    """layer(x) of each column-parallel layer reading the same x (wq, wk, wv; w1, w3). Their
+    adapters (one LoRA for all) run together: one x A^T for all of them, and in backward
+    one accumulation of x's gradient over every base and adapter term
+    (parallel/lora_layers.py). Layers without an adapter run as they are."""
+    adapted = [layer for layer in layers if layer.lora is not None]
+    if len(adapted) < 2 or any(layer.lora != adapted[0].lora for layer in adapted):
+        return [layer(x) for layer in layers]
+    lora, training = adapted[0].lora, adapted[0].training
+    outputs = iter(linears_with_lora(x, [layer.lora_operands() for layer in adapted], lora, training))
+    return [next(outputs) if layer.lora is not None else layer(x) for layer in layers]
 
 
 class RowParallelLinear(nn.Module):
@@ -371,10 +367,12 @@ class RowParallelLinear(nn.Module):
         self.lora_b = sharded_parameter((out_features, lora.rank), self.tp_mesh, Replicate())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _nf4_linear(x, self.weight) if self.nf4 else F.linear(x, local_tensor(self.weight))
         if self.lora is not None:
-            partial = F.linear(_lora_input(x, self.lora, self.training), local_tensor(self.lora_a))
-            y = _plus_lora_update(y, partial, local_tensor(self.lora_b), self.lora.scale)
+            operands = LoRAOperands(self.weight if self.nf4 else local_tensor(self.weight), local_tensor(self.lora_a),
+                                    local_tensor(self.lora_b), self.nf4)
+            y = linears_with_lora(x, [operands], self.lora, self.training)[0]
+        else:
+            y = _nf4_linear(x, self.weight) if self.nf4 else F.linear(x, local_tensor(self.weight))
         return _leave_region(y, self.tp_mesh, self.sequence_parallel)
 
 

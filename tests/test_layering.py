@@ -5,7 +5,7 @@ functions included), so that the layout docs/architecture.md draws is the one th
 
 Layers, bottom up; a module may import its own layer and the layers below it:
 
-    0  ground floor   parallel.mesh, layers, losses, context, control, spawn, compat
+    0  ground floor   parallel.mesh, layers, lora_layers, losses, context, control, spawn, compat
     1  llama          the model, formats, data, tokenizer, generation (not llama.training)
     2  parallel       fsdp, pipeline, plan, train_utils, devices: 2D-4D applied to a built model
     3  the run        llama.training
@@ -21,8 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS = ("llama", "parallel", "train", "convert_weights", "bench", "tests")
-GROUND_FLOOR = {"parallel.mesh", "parallel.layers", "parallel.losses", "parallel.context", "parallel.control", "parallel.spawn",
-                "parallel.compat"}
+GROUND_FLOOR = {"parallel.mesh", "parallel.layers", "parallel.lora_layers", "parallel.losses", "parallel.context",
+                "parallel.control", "parallel.spawn", "parallel.compat"}
 ENTRY_POINTS = {"train", "convert_weights", "llama.plot"}
 MAX_LINES = 600
 LAYER_NAMES = ["ground floor", "llama", "parallel", "the run", "entry points", "tests and benchmarks"]
