@@ -256,8 +256,9 @@ def test_a_pair_longer_than_seq_len_plus_one_is_dropped_and_counted_never_trunca
         inputs, targets, doc_ids = ds.row(i)
         assert doc_ids is None and [(a.tolist(), b.tolist()) for a, b in zip(inputs, targets)] == expected_rows(ds, i)
         assert ds.num_targets(i) == sum(int((s[1] != IGNORE_INDEX).sum()) for s in cache.pair(int(ds.pairs[i])))
+    filled = 100 * ds.num_tokens / (2 * 2 * (seq_len + 1))  # 2 pairs of 2 rows of seq_len + 1
     assert ds.summary("train") == (f"train: 2 pairs (2 dropped: longer than --seq-len + 1 = {seq_len + 1} "
-                                   f"tokens), {ds.num_tokens:,} tokens")
+                                   f"tokens), {ds.num_tokens:,} tokens, {filled:.1f}% of the padded rows")
     assert PairDataset(cache, max(lengths) - 1).summary("validation").startswith("validation: 4 pairs, ")
     with pytest.raises(DataError) as err:
         PairDataset(cache, min(lengths) - 2)

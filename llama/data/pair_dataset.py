@@ -119,7 +119,10 @@ class PairDataset(WindowDataset):
 
     def summary(self, name: str) -> str:
         """One start-up line, e.g. "train: 1,234 pairs (12 dropped: longer than --seq-len + 1 = 513 tokens),
-        345,678 tokens"."""
+        345,678 tokens, 41.2% of the padded rows"."""
         dropped = (f" ({self.num_dropped:,} dropped: longer than --seq-len + 1 = {self.seq_len + 1} tokens)"
                    if self.num_dropped else "")
-        return f"{name}: {self.num_samples:,} pairs{dropped}, {self.num_tokens:,} tokens"
+        # each sequence is padded to seq_len + 1: what share of the rows is real tokens (pairs
+        # are not packed several to a row)
+        filled = self.num_tokens / max(2 * self.num_samples * (self.seq_len + 1), 1)
+        return f"{name}: {self.num_samples:,} pairs{dropped}, {self.num_tokens:,} tokens, {100 * filled:.1f}% of the padded rows"
