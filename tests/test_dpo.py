@@ -316,6 +316,7 @@ def test_a_dpo_step_on_one_device_equals_the_oracle(oracle, config):
     assert abs(expected["losses"][0] - math.log(2)) > 1e-2, "the reference is another model: the loss starts off log 2"
 
 
+@pytest.mark.compat  # torch's pipelining changes between versions; DPO's pp path must hold on each
 @pytest.mark.parametrize("name", [r.name for r in RUNS])
 def test_a_dpo_step_on_every_mesh_equals_the_oracle(launch, oracle, name):
     _compare(launch[name], oracle, name)
@@ -333,6 +334,7 @@ def test_at_the_start_the_validation_loss_is_log_2_and_no_pair_is_won(launch):
     assert start["val_reward_accuracy"] == 0 and abs(start["val_reward_margin"]) <= 1e-6, start
 
 
+@pytest.mark.compat
 def test_the_lora_base_with_adapters_off_gives_the_stored_references_numbers(launch):
     stored, on_the_fly = launch["lora-stored"], launch["lora-adapters-off"]
     _compare(on_the_fly, stored, "LoRA, adapters off per batch")
